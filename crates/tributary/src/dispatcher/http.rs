@@ -1,0 +1,1 @@
+//! HTTP dispatch (to be written).

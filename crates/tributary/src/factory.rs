@@ -1,0 +1,321 @@
+//! [`EventFactory`]: user events in, Event API requests out, none over the size limit.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::ser::{SerializeMap, SerializeStruct};
+use serde::{Serialize, Serializer};
+
+use crate::event::{EventContext, UserEvent, UserEventKind};
+use crate::log_event::LogEvent;
+use crate::raw::{MAX_PAYLOAD_BYTES, RawBatch, encoded_len};
+
+/// The impression event key the Event API expects.
+const ACTIVATE_EVENT_KEY: &str = "campaign_activated";
+
+/// Turns user events into [`LogEvent`]s: one visitor object per event, as the SDKs send,
+/// events of one context per payload, and as many payloads as needed so that none is larger
+/// than `max_batch_bytes`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tributary::{Conversion, EventContext, EventFactory, UserEvent, UserEventKind};
+/// let ctx = Arc::new(EventContext::new("1", "2", "3"));
+/// let events: Vec<UserEvent> = (0..3).map(|i| UserEvent::new(ctx.clone(), format!("u{i}"), vec![],
+///     UserEventKind::Conversion(Conversion { event_id: "7".into(), event_key: "buy".into(),
+///         revenue: None, value: None, tags: None }))).collect();
+/// let out = EventFactory::new().create_log_events(&events);
+/// assert_eq!(out.log_events.len(), 1);
+/// assert_eq!(out.log_events[0].visitor_count(), 3);
+/// assert!(out.oversized.is_empty());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct EventFactory {
+    max_batch_bytes: usize,
+}
+
+impl Default for EventFactory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A user event that alone serialises to a payload over the limit. It cannot be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {uuid} needs a {size}-byte payload on its own, over the {limit}-byte limit")]
+pub struct OversizedEvent {
+    /// Index of the event in the factory's input.
+    pub index: usize,
+    /// The event's uuid.
+    pub uuid: String,
+    /// Size of the smallest payload carrying it.
+    pub size: usize,
+    /// The limit in force.
+    pub limit: usize,
+}
+
+/// What [`EventFactory::create_log_events`] made: the requests, and the events too large to
+/// send (reported, never silently dropped).
+#[derive(Debug, Default)]
+pub struct FactoryOutput {
+    /// Requests in input order.
+    pub log_events: Vec<LogEvent>,
+    /// Events left out because each alone exceeds the limit.
+    pub oversized: Vec<OversizedEvent>,
+}
+
+impl FactoryOutput {
+    /// The requests, or the first oversized event as an error.
+    pub fn into_result(self) -> Result<Vec<LogEvent>, OversizedEvent> {
+        match self.oversized.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(self.log_events),
+        }
+    }
+}
+
+impl EventFactory {
+    /// A factory with the Event API's 3,500,000-byte limit.
+    pub fn new() -> Self {
+        EventFactory {
+            max_batch_bytes: MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// A factory that keeps every payload at most `max_batch_bytes` long.
+    pub fn with_max_batch_bytes(max_batch_bytes: usize) -> Self {
+        EventFactory { max_batch_bytes }
+    }
+
+    /// The size limit in force.
+    pub fn max_batch_bytes(&self) -> usize {
+        self.max_batch_bytes
+    }
+
+    /// Builds the requests for `events`. Consecutive events with equal contexts share
+    /// payloads; a change of context starts a new one.
+    pub fn create_log_events(&self, events: &[UserEvent]) -> FactoryOutput {
+        let mut out = FactoryOutput::default();
+        let mut start = 0;
+        while start < events.len() {
+            let ctx = &events[start].context;
+            let end = events[start..]
+                .iter()
+                .position(|e| !same_context(&e.context, ctx))
+                .map_or(events.len(), |n| start + n);
+            self.build_run(ctx, &events[start..end], start, &mut out);
+            start = end;
+        }
+        out
+    }
+
+    /// One run of events sharing `ctx`: serialise each visitor once into one buffer, then
+    /// cut that buffer into payloads that fit.
+    fn build_run(
+        &self,
+        ctx: &Arc<EventContext>,
+        events: &[UserEvent],
+        offset: usize,
+        out: &mut FactoryOutput,
+    ) {
+        let header = header_bytes(ctx);
+        let mut buf = Vec::with_capacity(events.len() * 512);
+        let mut ends = Vec::with_capacity(events.len());
+        for event in events {
+            // Writing into a Vec cannot fail, and the types serialised have no maps with
+            // non-string keys, so an error here would be a bug in this module.
+            if let Err(e) = serde_json::to_writer(&mut buf, &VisitorRef(event)) {
+                tracing::error!(error = %e, "serialising a visitor failed; event skipped");
+                ends.push(None);
+                continue;
+            }
+            ends.push(Some(buf.len()));
+        }
+        let buf = Bytes::from(buf);
+        let url = ctx.region.endpoint();
+        let mut current: Vec<Bytes> = Vec::new();
+        let mut current_len = 0;
+        let mut prev_end = 0;
+        for (i, end) in ends.into_iter().enumerate() {
+            let Some(end) = end else { continue };
+            let visitor = buf.slice(prev_end..end);
+            prev_end = end;
+            let alone = encoded_len(header.len(), visitor.len(), 1);
+            if alone > self.max_batch_bytes {
+                out.oversized.push(OversizedEvent {
+                    index: offset + i,
+                    uuid: events[i].uuid.clone(),
+                    size: alone,
+                    limit: self.max_batch_bytes,
+                });
+                continue;
+            }
+            let with = encoded_len(header.len(), current_len + visitor.len(), current.len() + 1);
+            if with > self.max_batch_bytes && !current.is_empty() {
+                let batch = RawBatch::from_parts(header.clone(), std::mem::take(&mut current));
+                out.log_events
+                    .push(LogEvent::new(url, batch).with_context(ctx.clone()));
+                current_len = 0;
+            }
+            current_len += visitor.len();
+            current.push(visitor);
+        }
+        if !current.is_empty() {
+            let batch = RawBatch::from_parts(header, current);
+            out.log_events
+                .push(LogEvent::new(url, batch).with_context(ctx.clone()));
+        }
+    }
+}
+
+fn same_context(a: &Arc<EventContext>, b: &Arc<EventContext>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// The header fields in the order the Python SDK writes them.
+fn header_bytes(ctx: &EventContext) -> Bytes {
+    #[derive(Serialize)]
+    struct Header<'a> {
+        account_id: &'a str,
+        project_id: &'a str,
+        revision: &'a str,
+        client_name: &'a str,
+        client_version: &'a str,
+        anonymize_ip: bool,
+        enrich_decisions: bool,
+    }
+    let header = Header {
+        account_id: &ctx.account_id,
+        project_id: &ctx.project_id,
+        revision: &ctx.revision,
+        client_name: &ctx.client_name,
+        client_version: &ctx.client_version,
+        anonymize_ip: ctx.anonymize_ip,
+        enrich_decisions: true,
+    };
+    let mut json = serde_json::to_vec(&header).unwrap_or_default();
+    // Strip the braces: the header is a list of fields to embed in a body.
+    if json.len() >= 2 {
+        json.pop();
+        json.remove(0);
+    }
+    Bytes::from(json)
+}
+
+/// Serialises a user event as one visitor object without building intermediate values.
+struct VisitorRef<'a>(&'a UserEvent);
+
+impl Serialize for VisitorRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let mut v = s.serialize_struct("Visitor", 3)?;
+        v.serialize_field("snapshots", &[SnapshotRef(e)])?;
+        v.serialize_field("attributes", &e.attributes)?;
+        v.serialize_field("visitor_id", &e.user_id)?;
+        v.end()
+    }
+}
+
+struct SnapshotRef<'a>(&'a UserEvent);
+
+impl Serialize for SnapshotRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        match &e.kind {
+            UserEventKind::Impression(imp) => {
+                let campaign_id = if imp.campaign_id.is_empty() {
+                    &imp.experiment_id
+                } else {
+                    &imp.campaign_id
+                };
+                let mut snap = s.serialize_struct("Snapshot", 2)?;
+                snap.serialize_field(
+                    "events",
+                    &[EventRef {
+                        entity_id: campaign_id,
+                        uuid: &e.uuid,
+                        key: ACTIVATE_EVENT_KEY,
+                        timestamp: e.timestamp,
+                        revenue: None,
+                        value: None,
+                        tags: None,
+                    }],
+                )?;
+                let variation_id = is_numeric_id(&imp.variation_id).then_some(&imp.variation_id);
+                snap.serialize_field(
+                    "decisions",
+                    &[DecisionRef {
+                        campaign_id,
+                        experiment_id: &imp.experiment_id,
+                        variation_id,
+                        metadata: MetadataRef(imp),
+                    }],
+                )?;
+                snap.end()
+            }
+            UserEventKind::Conversion(conv) => {
+                let mut snap = s.serialize_struct("Snapshot", 1)?;
+                snap.serialize_field(
+                    "events",
+                    &[EventRef {
+                        entity_id: &conv.event_id,
+                        uuid: &e.uuid,
+                        key: &conv.event_key,
+                        timestamp: e.timestamp,
+                        revenue: conv.revenue,
+                        value: conv.value,
+                        tags: conv.tags.as_ref(),
+                    }],
+                )?;
+                snap.end()
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventRef<'a> {
+    entity_id: &'a str,
+    uuid: &'a str,
+    key: &'a str,
+    timestamp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revenue: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Serialize)]
+struct DecisionRef<'a> {
+    campaign_id: &'a str,
+    experiment_id: &'a str,
+    variation_id: Option<&'a String>,
+    metadata: MetadataRef<'a>,
+}
+
+struct MetadataRef<'a>(&'a crate::event::Impression);
+
+impl Serialize for MetadataRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let imp = self.0;
+        let len = 5 + usize::from(imp.cmab_uuid.is_some());
+        let mut m = s.serialize_map(Some(len))?;
+        m.serialize_entry("flag_key", &imp.flag_key)?;
+        m.serialize_entry("rule_key", &imp.rule_key)?;
+        m.serialize_entry("rule_type", &imp.rule_type)?;
+        m.serialize_entry("variation_key", &imp.variation_key)?;
+        m.serialize_entry("enabled", &imp.enabled)?;
+        // The SDKs leave cmab_uuid out when it is empty as well as when it is unset.
+        if let Some(cmab) = imp.cmab_uuid.as_deref().filter(|c| !c.is_empty()) {
+            m.serialize_entry("cmab_uuid", cmab)?;
+        }
+        m.end()
+    }
+}
+
+/// The Event API takes a variation id only as a non-empty string of ASCII digits.
+fn is_numeric_id(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}

@@ -1,0 +1,54 @@
+//! Tributary: the event pipeline of a feature-experimentation SDK.
+//!
+//! User events (impressions and conversions) go in; Optimizely Event API v1 requests come
+//! out, batched, size-limited and delivered with retries.
+//!
+//! ```text
+//! UserEvent -> EventProcessor::process() -> bounded queue -> batcher thread
+//!           -> EventFactory -> LogEvent -> LOG_EVENT listeners -> EventDispatcher
+//! ```
+//!
+//! - [`event`]: the user events and their context.
+//! - [`EventFactory`]: many user events to [`LogEvent`]s of at most 3.5 MB each.
+//! - [`payload`]: the Event API `EventBatch` as typed values; [`raw`]: as bytes.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tributary::{Conversion, EventContext, EventFactory, UserEvent, UserEventKind};
+//!
+//! let ctx = Arc::new(EventContext::new("12133785640", "21537940595", "131"));
+//! let event = UserEvent::new(ctx, "user-1", vec![], UserEventKind::Conversion(Conversion {
+//!     event_id: "21549340108".into(), event_key: "purchase".into(),
+//!     revenue: Some(4200), value: Some(3.5), tags: None,
+//! }));
+//! let log_events = EventFactory::new().create_log_events(&[event]).into_result().unwrap();
+//! assert_eq!(log_events[0].url, "https://logx.optimizely.com/v1/events");
+//! ```
+
+pub mod datafile;
+pub mod dispatcher;
+pub mod event;
+pub mod factory;
+pub mod log_event;
+pub mod notification;
+pub mod payload;
+pub mod processor;
+pub mod raw;
+pub mod retry;
+pub mod user_event_factory;
+pub mod validate;
+
+pub use dispatcher::{DispatchError, EventDispatcher};
+pub use event::{
+    AttributeValue, Conversion, EventContext, Impression, Region, UserEvent, UserEventKind,
+    VisitorAttribute,
+};
+pub use factory::{EventFactory, FactoryOutput, OversizedEvent};
+pub use log_event::LogEvent;
+pub use payload::{Decision, DecisionMetadata, EventBatch, Snapshot, SnapshotEvent, Visitor};
+pub use raw::{MAX_PAYLOAD_BYTES, OversizedVisitor, RawBatch, RawBatchError};
+
+/// The `client_name` this crate sends unless told otherwise.
+pub const CLIENT_NAME: &str = "tributary";
+/// The `client_version` this crate sends unless told otherwise.
+pub const CLIENT_VERSION: &str = env!("CARGO_PKG_VERSION");
