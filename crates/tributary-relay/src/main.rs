@@ -1,1 +1,56 @@
-fn main() {}
+//! `tributary`: the store-and-forward relay for Event API payloads, and its tools.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod cmd_event;
+mod cmd_validate;
+
+/// Tributary: batch, store and forward experimentation events to the Optimizely Event API.
+#[derive(Debug, Parser)]
+#[command(name = "tributary", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build an impression or conversion from a datafile; print it or send it.
+    #[command(subcommand)]
+    Event(cmd_event::EventCommand),
+    /// Check that files hold valid Event API payloads.
+    Validate(cmd_validate::ValidateArgs),
+    /// Measure the processor or a relay.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Event(cmd) => cmd_event::run(cmd),
+        Command::Validate(args) => cmd_validate::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
