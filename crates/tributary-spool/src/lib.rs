@@ -1,1 +1,145 @@
-//! x
+//! Durable spools for the Tributary relay: where accepted payloads wait until the upstream
+//! has taken them.
+//!
+//! One trait, [`Spool`], with lease semantics modelled on a queue service's visibility
+//! timeout: [`Spool::lease`] hands out pending payloads and hides them for a while;
+//! [`Spool::ack`] deletes them after the upstream answered 2xx; [`Spool::release`] makes them
+//! visible again after a delay; [`Spool::dead_letter`] moves them aside with a reason. A
+//! relay that crashes holding leases loses nothing: the leases run out and the payloads are
+//! handed out again (at-least-once).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+mod payload;
+
+pub use payload::Payload;
+
+/// Identifies one leased payload until it is acked, released or dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Receipt(pub String);
+
+/// A payload handed out by [`Spool::lease`].
+#[derive(Debug, Clone)]
+pub struct Leased {
+    /// Pass back to ack, release or dead-letter it.
+    pub receipt: Receipt,
+    /// The payload as appended.
+    pub payload: Payload,
+    /// How many times it has been leased before this one (0 on first delivery).
+    pub attempts: u32,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    pub appended_at_ms: u64,
+}
+
+/// A payload set aside because it could not be delivered.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Stable id for retry or purge.
+    pub id: String,
+    /// The payload.
+    pub payload: Payload,
+    /// Why it was set aside (upstream status and message, expiry, ...).
+    pub reason: String,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    pub appended_at_ms: u64,
+    /// When it was set aside, in milliseconds since the Unix epoch.
+    pub dead_at_ms: u64,
+}
+
+/// What a spool holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpoolStats {
+    /// Payloads waiting or leased.
+    pub pending: u64,
+    /// Their total size in bytes.
+    pub pending_bytes: u64,
+    /// Visitors (events) in them.
+    pub pending_events: u64,
+    /// Payloads currently leased.
+    pub leased: u64,
+    /// Age of the oldest pending payload, in milliseconds (0 when empty).
+    pub oldest_age_ms: u64,
+    /// Dead letters.
+    pub dead_letters: u64,
+}
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// All of them.
+    All,
+    /// Those with these ids.
+    Ids(Vec<String>),
+}
+
+/// Why a spool operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The spool is at its configured size limit; nothing was appended.
+    #[error("spool full: {reason}")]
+    Full {
+        /// Which limit was reached.
+        reason: String,
+    },
+    /// The storage failed (disk, database, queue service); nothing was appended.
+    #[error("spool storage error: {0}")]
+    Storage(String),
+    /// The spool was closed.
+    #[error("spool closed")]
+    Closed,
+    /// A receipt or id the spool does not know.
+    #[error("unknown receipt or id: {0}")]
+    Unknown(String),
+    /// Bad configuration or spool address.
+    #[error("invalid spool configuration: {0}")]
+    Config(String),
+}
+
+/// Durable storage of payloads between ingest and upstream delivery.
+///
+/// Implementations are shared by many tasks (`&self`) and must make [`Spool::append`]
+/// durable before returning `Ok`: the relay answers 2xx to its client on that `Ok`.
+#[async_trait]
+pub trait Spool: Send + Sync + 'static {
+    /// Stores `payloads` durably, all or none.
+    async fn append(&self, payloads: Vec<Payload>) -> Result<(), SpoolError>;
+
+    /// Hands out up to `max_payloads` visible payloads totalling at most `max_bytes` (at least
+    /// one if any is visible, whatever its size), oldest first, and hides them for
+    /// `lease_for`.
+    async fn lease(
+        &self,
+        max_payloads: usize,
+        max_bytes: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<Leased>, SpoolError>;
+
+    /// Deletes delivered payloads.
+    async fn ack(&self, receipts: &[Receipt]) -> Result<(), SpoolError>;
+
+    /// Makes leased payloads visible again after `delay`, counting an attempt.
+    async fn release(&self, receipts: &[Receipt], delay: Duration) -> Result<(), SpoolError>;
+
+    /// Moves leased payloads to the dead letters with `reason`.
+    async fn dead_letter(&self, receipts: &[Receipt], reason: &str) -> Result<(), SpoolError>;
+
+    /// Counts and ages.
+    async fn stats(&self) -> Result<SpoolStats, SpoolError>;
+
+    /// Up to `limit` dead letters, oldest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError>;
+
+    /// Puts the selected dead letters back in the pending queue; returns how many.
+    async fn retry_dead_letters(&self, which: Selection) -> Result<u64, SpoolError>;
+
+    /// Deletes the selected dead letters for good; returns how many.
+    async fn purge_dead_letters(&self, which: Selection) -> Result<u64, SpoolError>;
+
+    /// Periodic upkeep (retention: expired payloads become dead letters). Returns how many
+    /// payloads it moved. The default does nothing.
+    async fn maintain(&self) -> Result<u64, SpoolError> {
+        Ok(0)
+    }
+}
