@@ -300,15 +300,15 @@ struct MetadataRef<'a>(&'a crate::event::Impression);
 impl Serialize for MetadataRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let imp = self.0;
-        let len = 5 + usize::from(imp.cmab_uuid.is_some());
-        let mut m = s.serialize_map(Some(len))?;
+        // The SDKs leave cmab_uuid out when it is empty as well as when it is unset.
+        let cmab = imp.cmab_uuid.as_deref().filter(|c| !c.is_empty());
+        let mut m = s.serialize_map(Some(5 + usize::from(cmab.is_some())))?;
         m.serialize_entry("flag_key", &imp.flag_key)?;
         m.serialize_entry("rule_key", &imp.rule_key)?;
         m.serialize_entry("rule_type", &imp.rule_type)?;
         m.serialize_entry("variation_key", &imp.variation_key)?;
         m.serialize_entry("enabled", &imp.enabled)?;
-        // The SDKs leave cmab_uuid out when it is empty as well as when it is unset.
-        if let Some(cmab) = imp.cmab_uuid.as_deref().filter(|c| !c.is_empty()) {
+        if let Some(cmab) = cmab {
             m.serialize_entry("cmab_uuid", cmab)?;
         }
         m.end()

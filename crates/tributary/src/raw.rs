@@ -217,7 +217,7 @@ impl RawBatch {
 /// ```
 /// use tributary::raw::encoded_len;
 /// assert_eq!(encoded_len(0, 0, 0), br#"{"visitors":[]}"#.len());
-/// assert_eq!(encoded_len(3, 4, 2), br#"{"a":1,"visitors":[{},{}]}"#.len() - 1 + 1);
+/// assert_eq!(encoded_len(5, 4, 2), br#"{"a":1,"visitors":[{},{}]}"#.len());
 /// ```
 pub fn encoded_len(header_len: usize, visitors_len: usize, count: usize) -> usize {
     let header_comma = usize::from(header_len > 0);
@@ -289,6 +289,7 @@ impl<'de> Deserialize<'de> for VisitorList<'de> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
