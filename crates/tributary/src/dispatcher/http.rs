@@ -1,1 +1,1128 @@
-//! HTTP dispatch (to be written).
+//! HTTP delivery: the Event API (or a relay) over one pooled keep-alive client, with
+//! retries, `Retry-After`, optional gzip, and bisection of rejected batches.
+//!
+//! Two layers, because the same logic serves the library's processor thread and the relay's
+//! async forwarder:
+//!
+//! - [`HttpTransport`] is async and cheap to clone. [`HttpTransport::send`] is one logical
+//!   delivery of one body, retried per its [`RetryPolicy`];
+//!   [`HttpTransport::deliver_bisecting`] also isolates the visitors a `400` is about.
+//!   [`bisect`] is that algorithm over any list of items, for callers with their own items
+//!   (the relay splits merged payloads, not visitors).
+//! - [`HttpDispatcher`] is the synchronous [`EventDispatcher`] for the processor thread. It
+//!   runs the transport on a private thread with its own single-threaded tokio runtime, so
+//!   it can be built, used and dropped anywhere, inside an async runtime or not.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tributary::dispatcher::http::HttpDispatcher;
+//!
+//! let dispatcher = HttpDispatcher::builder()
+//!     .endpoint("http://127.0.0.1:8080/v1/events") // a relay; default: each LogEvent's url
+//!     .header("X-Tenant", "shop")
+//!     .gzip(true)
+//!     .request_timeout(Duration::from_secs(5))
+//!     .on_rejected(|r| eprintln!("{} of {} visitors rejected", r.visitors.len(), r.total))
+//!     .build()?;
+//! # Ok::<(), tributary::dispatcher::http::HttpDispatcherError>(())
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::io::Write;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::mpsc;
+
+use super::{DispatchError, EventDispatcher};
+use crate::log_event::LogEvent;
+use crate::raw::RawBatch;
+use crate::retry::{
+    Classification, RetryPolicy, classify, is_content_rejection, parse_retry_after,
+};
+
+/// Longest excerpt of a response body kept in an error message.
+const MAX_MESSAGE_BYTES: usize = 512;
+/// Most bytes of a response body read (and discarded) so the connection can be reused;
+/// a longer body closes the connection instead.
+const MAX_DRAIN_BYTES: usize = 64 * 1024;
+
+/// Settings of an [`HttpTransport`] / [`HttpDispatcher`]. Every field has a documented
+/// default ([`HttpConfig::default`]).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Send every request here instead of each [`LogEvent::url`] (a relay or proxy).
+    /// Default: `None`. Used by [`HttpDispatcher`]; [`HttpTransport::send`] takes its URL
+    /// from the caller (see [`HttpTransport::endpoint_for`]).
+    pub endpoint: Option<String>,
+    /// Extra request headers (authentication for a relay, routing for a proxy). They
+    /// replace defaults of the same name, `Content-Type` included. Default: none.
+    pub headers: Vec<(String, String)>,
+    /// Bound on one attempt, from connecting to the end of the response (default 10 s).
+    pub request_timeout: Duration,
+    /// Bound on establishing a connection (default 5 s).
+    pub connect_timeout: Duration,
+    /// Compress request bodies (`Content-Encoding: gzip`). Default: `false`, since the
+    /// Event API does not document gzip; relays accept it.
+    pub gzip: bool,
+    /// How long an idle pooled connection is kept (default 90 s).
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per host (default 32).
+    pub pool_max_idle_per_host: usize,
+    /// When and how often to retry (default [`RetryPolicy::default`]).
+    pub retry: RetryPolicy,
+    /// `User-Agent` header (default `tributary/<version>`).
+    pub user_agent: String,
+    /// Most requests one bisection may make (default 64); see [`bisect`].
+    pub max_bisect_requests: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            endpoint: None,
+            headers: Vec::new(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            gzip: false,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 32,
+            retry: RetryPolicy::default(),
+            user_agent: format!("tributary/{}", env!("CARGO_PKG_VERSION")),
+            max_bisect_requests: 64,
+        }
+    }
+}
+
+/// Why an [`HttpTransport`] or [`HttpDispatcher`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpDispatcherError {
+    /// The endpoint is not an `http`/`https` URL.
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    InvalidEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A header name or value is not valid HTTP. The value is not repeated: it may be a
+    /// secret.
+    #[error("invalid header {name:?}: {reason}")]
+    InvalidHeader {
+        /// The header name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The HTTP client could not be built (TLS setup).
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    /// The dispatcher's worker thread or its runtime could not be started.
+    #[error("cannot start the dispatcher thread: {0}")]
+    Worker(String),
+}
+
+impl From<HttpDispatcherError> for DispatchError {
+    fn from(e: HttpDispatcherError) -> Self {
+        DispatchError::Unavailable(e.to_string())
+    }
+}
+
+/// Counters of an [`HttpTransport`] (shared by its clones) or [`HttpDispatcher`].
+/// They are also exported through `metrics` as `tributary_http_requests_total{status}`,
+/// `tributary_http_retries_total` and `tributary_http_rejected_visitors_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HttpStats {
+    /// HTTP attempts made (each retry and each bisection request counts).
+    pub requests: u64,
+    /// Attempts that were retries of a failed attempt.
+    pub retries: u64,
+    /// Visitors isolated by bisection and reported rejected.
+    pub rejected_visitors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    retries: AtomicU64,
+    rejected_visitors: AtomicU64,
+}
+
+/// Async HTTP delivery with retries over one pooled keep-alive client. Cheap to clone;
+/// clones share the connection pool and the counters. Safe to use from many tasks at once.
+#[derive(Clone)]
+pub struct HttpTransport {
+    inner: Arc<TransportInner>,
+}
+
+struct TransportInner {
+    client: reqwest::Client,
+    endpoint: Option<String>,
+    gzip: bool,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+    max_bisect_requests: usize,
+    counters: Counters,
+}
+
+impl fmt::Debug for HttpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpTransport")
+            .field("endpoint", &self.inner.endpoint)
+            .field("gzip", &self.inner.gzip)
+            .field("retry", &self.inner.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Delivered,
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    Permanent {
+        status: u16,
+        message: String,
+    },
+}
+
+impl HttpTransport {
+    /// Builds the client. Needs no tokio runtime; requests must run inside one.
+    pub fn new(config: &HttpConfig) -> Result<Self, HttpDispatcherError> {
+        if let Some(endpoint) = &config.endpoint {
+            validate_endpoint(endpoint)?;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in &config.headers {
+            let invalid = |reason: String| HttpDispatcherError::InvalidHeader {
+                name: name.clone(),
+                reason,
+            };
+            let n = HeaderName::try_from(name.as_str()).map_err(|e| invalid(e.to_string()))?;
+            let mut v =
+                HeaderValue::try_from(value.as_str()).map_err(|e| invalid(e.to_string()))?;
+            v.set_sensitive(true);
+            headers.insert(n, v);
+        }
+        let user_agent = HeaderValue::try_from(config.user_agent.as_str()).map_err(|e| {
+            HttpDispatcherError::InvalidHeader {
+                name: "User-Agent".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(user_agent)
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .tcp_keepalive(Duration::from_secs(30))
+            // A redirected POST may turn into a GET and lose its body: report it instead.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| HttpDispatcherError::Client(error_chain(&e)))?;
+        Ok(HttpTransport {
+            inner: Arc::new(TransportInner {
+                client,
+                endpoint: config.endpoint.clone(),
+                gzip: config.gzip,
+                request_timeout: config.request_timeout,
+                retry: config.retry.clone(),
+                max_bisect_requests: config.max_bisect_requests.max(1),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The configured endpoint if any, else `event_url`.
+    pub fn endpoint_for<'a>(&'a self, event_url: &'a str) -> &'a str {
+        self.inner.endpoint.as_deref().unwrap_or(event_url)
+    }
+
+    /// The retry policy in force.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.retry
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> HttpStats {
+        let c = &self.inner.counters;
+        HttpStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            rejected_visitors: c.rejected_visitors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// POSTs `body` (JSON) to `url`: one logical delivery, retried per the policy.
+    ///
+    /// `Ok` on any 2xx. Connection errors, timeouts, 5xx, 408 and 429 are retried with
+    /// backoff (or after `Retry-After` when longer) until the attempts or the time budget
+    /// run out, then reported as [`DispatchError::Transient`], carrying the last
+    /// `Retry-After`. Other statuses are [`DispatchError::Permanent`] at once (status `0`
+    /// for a malformed URL). Each attempt's timeout is cut to what the budget has left.
+    pub async fn send(&self, url: &str, body: Bytes) -> Result<(), DispatchError> {
+        let body = if self.inner.gzip { gzip(&body)? } else { body };
+        let policy = &self.inner.retry;
+        let start = Instant::now();
+        let mut attempt: u32 = 1;
+        loop {
+            let left = policy.total_budget.saturating_sub(start.elapsed());
+            let timeout = match self.inner.request_timeout.min(left) {
+                t if t.is_zero() && attempt == 1 => self.inner.request_timeout,
+                t => t,
+            };
+            let (message, retry_after) = match self.attempt(url, body.clone(), timeout).await {
+                Attempt::Delivered => return Ok(()),
+                Attempt::Permanent { status, message } => {
+                    return Err(DispatchError::Permanent { status, message });
+                }
+                Attempt::Retryable {
+                    message,
+                    retry_after,
+                } => (message, retry_after),
+            };
+            let delay = policy.next_delay(attempt, start.elapsed(), retry_after, &mut rand::rng());
+            let Some(delay) = delay else {
+                tracing::debug!(attempt, %message, "giving up on HTTP delivery");
+                return Err(DispatchError::Transient {
+                    message: format!("{message} (gave up after {attempt} attempt(s))"),
+                    retry_after,
+                });
+            };
+            tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, %message, "retrying HTTP delivery");
+            self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("tributary_http_retries_total").increment(1);
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// Delivers `batch` to `url`; when it is refused for its content (400, 413, 422), splits
+    /// it with [`bisect`] until the refused visitors are alone, and delivers the rest.
+    /// Rejected visitors are counted (`tributary_http_rejected_visitors_total`); reporting
+    /// them is the caller's job.
+    pub async fn deliver_bisecting(&self, url: &str, batch: &RawBatch) -> BisectOutcome {
+        self.deliver_inner(url, batch, None).await
+    }
+
+    /// [`HttpTransport::deliver_bisecting`] of a [`LogEvent`]'s batch, reusing its encoded
+    /// body for the first request.
+    pub async fn deliver_log_event(&self, url: &str, log_event: &LogEvent) -> BisectOutcome {
+        self.deliver_inner(url, log_event.batch(), Some(log_event.body()))
+            .await
+    }
+
+    async fn deliver_inner(
+        &self,
+        url: &str,
+        batch: &RawBatch,
+        encoded: Option<&Bytes>,
+    ) -> BisectOutcome {
+        let n = batch.visitors().len();
+        let outcome = bisect(n, self.inner.max_bisect_requests, |range: Range<usize>| {
+            let body = match encoded {
+                Some(b) if range == (0..n) => b.clone(),
+                _ => batch.slice(range).encode(),
+            };
+            self.send(url, body)
+        })
+        .await;
+        if !outcome.rejected.is_empty() {
+            let k = outcome.rejected.len() as u64;
+            self.inner
+                .counters
+                .rejected_visitors
+                .fetch_add(k, Ordering::Relaxed);
+            metrics::counter!("tributary_http_rejected_visitors_total").increment(k);
+            tracing::warn!(
+                rejected = k,
+                total = n,
+                requests = outcome.requests,
+                "visitors rejected by the destination were isolated"
+            );
+        }
+        outcome
+    }
+
+    async fn attempt(&self, url: &str, body: Bytes, timeout: Duration) -> Attempt {
+        self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let mut request = self.inner.client.post(url).timeout(timeout).body(body);
+        if self.inner.gzip {
+            request = request.header(CONTENT_ENCODING, "gzip");
+        }
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let label = if e.is_timeout() { "timeout" } else { "error" };
+                metrics::counter!("tributary_http_requests_total", "status" => label).increment(1);
+                let message = error_chain(&e);
+                return if e.is_builder() {
+                    Attempt::Permanent { status: 0, message }
+                } else {
+                    Attempt::Retryable {
+                        message,
+                        retry_after: None,
+                    }
+                };
+            }
+        };
+        let status = response.status();
+        metrics::counter!("tributary_http_requests_total", "status" => status.as_str().to_owned())
+            .increment(1);
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let excerpt = read_excerpt(&mut response).await;
+        let message = if excerpt.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {excerpt}")
+        };
+        match classify(status.as_u16()) {
+            Classification::Success => Attempt::Delivered,
+            Classification::Retryable => Attempt::Retryable {
+                message,
+                retry_after,
+            },
+            Classification::Permanent => Attempt::Permanent {
+                status: status.as_u16(),
+                message,
+            },
+        }
+    }
+}
+
+/// Reads up to [`MAX_DRAIN_BYTES`] of the body, so a small body leaves the connection
+/// reusable, and returns its first [`MAX_MESSAGE_BYTES`] as text.
+async fn read_excerpt(response: &mut reqwest::Response) -> String {
+    let mut kept = Vec::new();
+    let mut read = 0usize;
+    while read < MAX_DRAIN_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                let room = MAX_MESSAGE_BYTES.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&kept).trim().to_owned()
+}
+
+fn gzip(body: &[u8]) -> Result<Bytes, DispatchError> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::default(),
+    );
+    enc.write_all(body)
+        .and_then(|()| enc.finish())
+        .map(Bytes::from)
+        .map_err(|e| DispatchError::Unavailable(format!("gzip: {e}")))
+}
+
+fn validate_endpoint(endpoint: &str) -> Result<(), HttpDispatcherError> {
+    let invalid = |reason: String| HttpDispatcherError::InvalidEndpoint {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    let url = reqwest::Url::parse(endpoint).map_err(|e| invalid(e.to_string()))?;
+    match url.scheme() {
+        "http" | "https" => Ok(()),
+        other => Err(invalid(format!("scheme {other:?} is not http or https"))),
+    }
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message is terse).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// One item refused on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedItem {
+    /// Its index in the list given to [`bisect`].
+    pub index: usize,
+    /// The status it was refused with.
+    pub status: u16,
+    /// What the destination said.
+    pub message: String,
+}
+
+/// Items that were not delivered for a reason that is not theirs (the destination is down,
+/// or refuses everything: 401, 403, 404, ...). Trying them again later may work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undelivered {
+    /// The items, as ranges of indexes.
+    pub ranges: Vec<Range<usize>>,
+    /// The error that stopped delivery.
+    pub error: DispatchError,
+}
+
+/// What [`bisect`] did with each item: every index is in exactly one of `delivered`,
+/// `rejected` and `undelivered`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BisectOutcome {
+    /// Items the destination accepted, as ascending ranges.
+    pub delivered: Vec<Range<usize>>,
+    /// Items refused for their content, ascending.
+    pub rejected: Vec<RejectedItem>,
+    /// Items not delivered for another reason; `None` when there are none.
+    pub undelivered: Option<Undelivered>,
+    /// Requests made.
+    pub requests: usize,
+}
+
+impl BisectOutcome {
+    /// How many items were delivered.
+    pub fn delivered_count(&self) -> usize {
+        self.delivered.iter().map(ExactSizeIterator::len).sum()
+    }
+
+    /// Whether every item was delivered.
+    pub fn is_complete(&self) -> bool {
+        self.rejected.is_empty() && self.undelivered.is_none()
+    }
+
+    /// The outcome as a dispatcher result for a batch of `total` items: the undelivered
+    /// error if any; else [`DispatchError::Permanent`] when every item was rejected, or
+    /// [`DispatchError::PartiallyRejected`] when some were delivered; else `Ok`.
+    pub fn into_result(self, total: usize) -> Result<(), DispatchError> {
+        if let Some(u) = self.undelivered {
+            return Err(u.error);
+        }
+        let Some(first) = self.rejected.first() else {
+            return Ok(());
+        };
+        if self.rejected.len() >= total {
+            Err(DispatchError::Permanent {
+                status: first.status,
+                message: first.message.clone(),
+            })
+        } else {
+            Err(DispatchError::PartiallyRejected {
+                rejected: self.rejected.len(),
+                total,
+                status: first.status,
+            })
+        }
+    }
+}
+
+/// A range waiting to be sent during a bisection.
+struct Pending {
+    range: Range<usize>,
+    /// The refusal of the group this range was split from.
+    group_error: Option<(u16, String)>,
+    /// The sibling sent before this one was delivered whole, so this one holds the bad
+    /// items: split it without sending it.
+    known_bad: bool,
+    /// This is a left half: if delivered whole, its right sibling (next on the stack) is
+    /// known bad.
+    left_half: bool,
+}
+
+/// Delivers `len` items through `send` (which sends the items in a range as one request,
+/// with its own retries) and isolates the items the destination refuses for their content.
+///
+/// The whole range is sent first. A [`DispatchError::Permanent`] whose status
+/// [`is_content_rejection`] (400, 413, 422) splits the range in halves, each sent in turn,
+/// until refused items are alone; they are reported rejected, the rest delivered. When a
+/// left half is delivered, its right sibling must hold the bad items and is split without
+/// being sent. Any other error (transient after retries, 401, 403, 404, ...) stops the
+/// bisection at once and reports the range and everything not yet sent as undelivered,
+/// so a down destination costs one failed delivery, not one per half.
+///
+/// Cost: with `k` refused items among `n`, at most `1 + 2·k·⌈log2 n⌉` requests. It is
+/// capped at `max_requests` (at least 1): when the cap is reached, items not yet settled are
+/// reported rejected with the refusal of their group, so one bad batch can never cost
+/// unbounded requests (they may include good items; an operator can retry them).
+///
+/// ```
+/// use tributary::DispatchError;
+/// use tributary::dispatcher::http::bisect;
+///
+/// // Items 3 and 12 of 16 are bad: the destination refuses any request containing them.
+/// let bad = [3usize, 12];
+/// let outcome = block_on(bisect(16, 64, |r: std::ops::Range<usize>| {
+///     let refuse = bad.iter().any(|b| r.contains(b));
+///     async move {
+///         if refuse { Err(DispatchError::Permanent { status: 400, message: "bad".into() }) }
+///         else { Ok(()) }
+///     }
+/// }));
+/// let rejected: Vec<_> = outcome.rejected.iter().map(|r| r.index).collect();
+/// assert_eq!(rejected, [3, 12]);
+/// assert_eq!(outcome.delivered_count(), 14);
+/// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+pub async fn bisect<F, Fut>(len: usize, max_requests: usize, mut send: F) -> BisectOutcome
+where
+    F: FnMut(Range<usize>) -> Fut,
+    Fut: Future<Output = Result<(), DispatchError>>,
+{
+    let max_requests = max_requests.max(1);
+    let mut out = BisectOutcome::default();
+    let mut stack = vec![Pending {
+        range: 0..len,
+        group_error: None,
+        known_bad: false,
+        left_half: false,
+    }];
+    while let Some(task) = stack.pop() {
+        let (status, message) = if task.known_bad {
+            task.group_error.clone().unwrap_or_default()
+        } else {
+            if out.requests >= max_requests {
+                // Out of requests: settle everything left as refused with its group.
+                for t in std::iter::once(task).chain(stack.drain(..).rev()) {
+                    let (status, message) = t.group_error.unwrap_or_default();
+                    let message = format!(
+                        "{message} (rejected with its group: bisection stopped after {max_requests} requests)"
+                    );
+                    out.rejected.extend(t.range.map(|index| RejectedItem {
+                        index,
+                        status,
+                        message: message.clone(),
+                    }));
+                }
+                break;
+            }
+            out.requests += 1;
+            match send(task.range.clone()).await {
+                Ok(()) => {
+                    if task.left_half
+                        && let Some(sibling) = stack.last_mut()
+                    {
+                        sibling.known_bad = true;
+                    }
+                    out.delivered.push(task.range);
+                    continue;
+                }
+                Err(DispatchError::Permanent { status, message })
+                    if is_content_rejection(status) && !task.range.is_empty() =>
+                {
+                    (status, message)
+                }
+                Err(error) => {
+                    let mut ranges = vec![task.range];
+                    ranges.extend(stack.drain(..).rev().map(|t| t.range));
+                    out.undelivered = Some(Undelivered { ranges, error });
+                    break;
+                }
+            }
+        };
+        let Range { start, end } = task.range;
+        if end - start == 1 {
+            out.rejected.push(RejectedItem {
+                index: start,
+                status,
+                message,
+            });
+            continue;
+        }
+        let mid = start + (end - start) / 2;
+        let group_error = Some((status, message));
+        stack.push(Pending {
+            range: mid..end,
+            group_error: group_error.clone(),
+            known_bad: false,
+            left_half: false,
+        });
+        stack.push(Pending {
+            range: start..mid,
+            group_error,
+            known_bad: false,
+            left_half: true,
+        });
+    }
+    // Ranges were settled left to right except when the cap or an error cut in.
+    out.rejected.sort_by_key(|r| r.index);
+    out
+}
+
+/// Visitors of one [`LogEvent`] that the destination refused, as given to the
+/// [`HttpDispatcherBuilder::on_rejected`] hook.
+#[derive(Clone)]
+pub struct RejectedVisitors {
+    /// Where the LogEvent was sent.
+    pub url: String,
+    /// Visitors in the LogEvent.
+    pub total: usize,
+    /// The LogEvent's header (see [`RawBatch::header`]): with a visitor it rebuilds a
+    /// payload, e.g. to keep it as a dead letter.
+    pub header: Bytes,
+    /// The refused visitors, by ascending index.
+    pub visitors: Vec<RejectedVisitor>,
+}
+
+/// One refused visitor.
+#[derive(Clone)]
+pub struct RejectedVisitor {
+    /// Index in the LogEvent's visitors.
+    pub index: usize,
+    /// The status it was refused with.
+    pub status: u16,
+    /// What the destination said.
+    pub message: String,
+    /// The visitor's JSON, as sent.
+    pub visitor: Bytes,
+}
+
+impl fmt::Debug for RejectedVisitors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectedVisitors")
+            .field("url", &self.url)
+            .field("total", &self.total)
+            .field("visitors", &self.visitors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for RejectedVisitor {
+    // Visitors hold personal data: never print their content.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectedVisitor")
+            .field("index", &self.index)
+            .field("status", &self.status)
+            .field("message", &self.message)
+            .field("visitor_bytes", &self.visitor.len())
+            .finish()
+    }
+}
+
+type RejectedHook = dyn Fn(&RejectedVisitors) + Send + Sync;
+
+/// The synchronous HTTP [`EventDispatcher`]: what the processor thread calls.
+///
+/// It owns a private thread running a single-threaded tokio runtime and an
+/// [`HttpTransport`]; [`EventDispatcher::dispatch`] hands the request to that thread and
+/// blocks until it is settled (delivered, retries exhausted, or bisected). So it never needs
+/// the caller's runtime, and it can be built, used and dropped inside or outside one (but a
+/// caller on a current-thread runtime must not dispatch to a server running on that same
+/// runtime: blocking it would starve the server). Concurrent callers are served
+/// concurrently; in-flight requests are bounded by the number of blocked callers. Dropping
+/// it stops and joins the thread.
+///
+/// One `dispatch` takes at most about `retry.total_budget` per request it makes: one
+/// request normally, up to `max_bisect_requests` when a batch is bisected.
+pub struct HttpDispatcher {
+    jobs: Option<mpsc::UnboundedSender<Job>>,
+    worker: Option<JoinHandle<()>>,
+    transport: HttpTransport,
+    on_rejected: Option<Arc<RejectedHook>>,
+}
+
+struct Job {
+    url: String,
+    log_event: LogEvent,
+    reply: crossbeam_channel::Sender<BisectOutcome>,
+}
+
+impl fmt::Debug for HttpDispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpDispatcher")
+            .field("transport", &self.transport)
+            .field("on_rejected", &self.on_rejected.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpDispatcher {
+    /// A builder with [`HttpConfig::default`] settings.
+    pub fn builder() -> HttpDispatcherBuilder {
+        HttpDispatcherBuilder {
+            config: HttpConfig::default(),
+            on_rejected: None,
+        }
+    }
+
+    /// A dispatcher with `config` and no rejection hook.
+    pub fn new(config: HttpConfig) -> Result<Self, HttpDispatcherError> {
+        Self::builder().config(config).build()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> HttpStats {
+        self.transport.stats()
+    }
+
+    fn report_rejected(&self, url: &str, log_event: &LogEvent, outcome: &BisectOutcome) {
+        let Some(hook) = &self.on_rejected else {
+            return;
+        };
+        if outcome.rejected.is_empty() {
+            return;
+        }
+        let batch = log_event.batch();
+        let report = RejectedVisitors {
+            url: url.to_owned(),
+            total: batch.visitors().len(),
+            header: batch.header().clone(),
+            visitors: outcome
+                .rejected
+                .iter()
+                .filter_map(|r| {
+                    Some(RejectedVisitor {
+                        index: r.index,
+                        status: r.status,
+                        message: r.message.clone(),
+                        visitor: batch.visitors().get(r.index)?.clone(),
+                    })
+                })
+                .collect(),
+        };
+        // A panicking hook must not take the processor thread down with it.
+        let run = std::panic::AssertUnwindSafe(|| hook(&report));
+        if std::panic::catch_unwind(run).is_err() {
+            tracing::error!("the on_rejected hook panicked");
+        }
+    }
+}
+
+impl EventDispatcher for HttpDispatcher {
+    fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
+        let stopped =
+            || DispatchError::Unavailable("the HTTP dispatcher thread has stopped".into());
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        let url = self.transport.endpoint_for(&log_event.url).to_owned();
+        let (reply, settled) = crossbeam_channel::bounded(1);
+        jobs.send(Job {
+            url: url.clone(),
+            log_event: log_event.clone(),
+            reply,
+        })
+        .map_err(|_| stopped())?;
+        let outcome = settled.recv().map_err(|_| stopped())?;
+        self.report_rejected(&url, log_event, &outcome);
+        outcome.into_result(log_event.visitor_count())
+    }
+}
+
+impl Drop for HttpDispatcher {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker's loop; no dispatch can be in flight here
+        // (it borrows self), so the join is immediate.
+        self.jobs.take();
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            tracing::error!("the HTTP dispatcher thread panicked");
+        }
+    }
+}
+
+/// Builds an [`HttpDispatcher`]; every setting defaults as in [`HttpConfig::default`].
+pub struct HttpDispatcherBuilder {
+    config: HttpConfig,
+    on_rejected: Option<Arc<RejectedHook>>,
+}
+
+impl fmt::Debug for HttpDispatcherBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpDispatcherBuilder")
+            .field("config", &self.config)
+            .field("on_rejected", &self.on_rejected.is_some())
+            .finish()
+    }
+}
+
+impl HttpDispatcherBuilder {
+    /// Replaces every setting with `config`.
+    pub fn config(mut self, config: HttpConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sends everything to `url` instead of each LogEvent's URL. See [`HttpConfig::endpoint`].
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.config.endpoint = Some(url.into());
+        self
+    }
+
+    /// Adds a request header. See [`HttpConfig::headers`].
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// See [`HttpConfig::request_timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// See [`HttpConfig::connect_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// See [`HttpConfig::gzip`].
+    pub fn gzip(mut self, on: bool) -> Self {
+        self.config.gzip = on;
+        self
+    }
+
+    /// See [`HttpConfig::pool_idle_timeout`].
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.pool_idle_timeout = timeout;
+        self
+    }
+
+    /// See [`HttpConfig::pool_max_idle_per_host`].
+    pub fn pool_max_idle_per_host(mut self, n: usize) -> Self {
+        self.config.pool_max_idle_per_host = n;
+        self
+    }
+
+    /// See [`HttpConfig::retry`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// See [`HttpConfig::user_agent`].
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
+        self.config.user_agent = user_agent.into();
+        self
+    }
+
+    /// See [`HttpConfig::max_bisect_requests`].
+    pub fn max_bisect_requests(mut self, n: usize) -> Self {
+        self.config.max_bisect_requests = n;
+        self
+    }
+
+    /// Called, on the dispatching thread, with the visitors of a LogEvent that the
+    /// destination refused (after bisection isolated them). A panic in it is caught.
+    pub fn on_rejected(mut self, hook: impl Fn(&RejectedVisitors) + Send + Sync + 'static) -> Self {
+        self.on_rejected = Some(Arc::new(hook));
+        self
+    }
+
+    /// Validates the settings and starts the dispatcher's thread.
+    pub fn build(self) -> Result<HttpDispatcher, HttpDispatcherError> {
+        let transport = HttpTransport::new(&self.config)?;
+        let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
+        let worker_transport = transport.clone();
+        let worker = std::thread::Builder::new()
+            .name("tributary-http".into())
+            .spawn(move || {
+                // Built and dropped on this thread, never inside the caller's runtime.
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                runtime.block_on(async move {
+                    while let Some(job) = queue.recv().await {
+                        let transport = worker_transport.clone();
+                        tokio::spawn(async move {
+                            let outcome =
+                                transport.deliver_log_event(&job.url, &job.log_event).await;
+                            // The caller waits for this; if it is gone there is no one to tell.
+                            let _ = job.reply.send(outcome);
+                        });
+                    }
+                });
+            })
+            .map_err(|e| HttpDispatcherError::Worker(e.to_string()))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                return Err(HttpDispatcherError::Worker(e));
+            }
+            Err(_) => {
+                let _ = worker.join();
+                return Err(HttpDispatcherError::Worker(
+                    "the thread exited early".into(),
+                ));
+            }
+        }
+        Ok(HttpDispatcher {
+            jobs: Some(jobs),
+            worker: Some(worker),
+            transport,
+            on_rejected: self.on_rejected,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::cell::RefCell;
+
+    fn refuse(status: u16) -> DispatchError {
+        DispatchError::Permanent {
+            status,
+            message: "no".into(),
+        }
+    }
+
+    /// Runs `bisect` over `n` items against a fake destination that refuses any range
+    /// containing a bad item with `status`, recording the ranges sent.
+    fn run(n: usize, bad: &[usize], status: u16, cap: usize) -> (BisectOutcome, Vec<Range<usize>>) {
+        let sent = RefCell::new(Vec::new());
+        let fut = bisect(n, cap, |r: Range<usize>| {
+            sent.borrow_mut().push(r.clone());
+            let refused = bad.iter().any(|b| r.contains(b));
+            async move { if refused { Err(refuse(status)) } else { Ok(()) } }
+        });
+        let out = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(fut);
+        (out, sent.into_inner())
+    }
+
+    fn covered(out: &BisectOutcome) -> Vec<usize> {
+        let mut all: Vec<usize> = out.delivered.iter().cloned().flatten().collect();
+        all.extend(out.rejected.iter().map(|r| r.index));
+        if let Some(u) = &out.undelivered {
+            all.extend(u.ranges.iter().cloned().flatten());
+        }
+        all.sort_unstable();
+        all
+    }
+
+    #[test]
+    fn isolates_bad_items_and_delivers_each_good_one_once() {
+        for n in [1usize, 2, 3, 7, 16, 33, 100] {
+            for bad in [vec![], vec![0], vec![n - 1], vec![0, n / 2, n - 1]] {
+                let mut bad = bad;
+                bad.dedup();
+                let (out, sent) = run(n, &bad, 400, 1000);
+                let rejected: Vec<_> = out.rejected.iter().map(|r| r.index).collect();
+                let mut expect = bad.clone();
+                expect.sort_unstable();
+                expect.dedup();
+                assert_eq!(rejected, expect, "n={n} bad={bad:?}");
+                assert_eq!(out.delivered_count(), n - expect.len());
+                assert_eq!(covered(&out), (0..n).collect::<Vec<_>>());
+                assert_eq!(out.requests, sent.len());
+                // Every good item went out in exactly one delivered request.
+                let log2 = usize::BITS - (n.max(2) - 1).leading_zeros();
+                assert!(
+                    out.requests <= 1 + 2 * expect.len() * log2 as usize,
+                    "n={n} requests={}",
+                    out.requests
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_single_bad_item_costs_about_log2_n_requests() {
+        let (out, _) = run(16, &[5], 400, 1000);
+        assert_eq!(out.rejected.len(), 1);
+        // Full, then one half per level; right siblings of delivered halves are never sent.
+        assert!(out.requests <= 1 + 2 * 4, "{}", out.requests);
+    }
+
+    #[test]
+    fn non_content_errors_stop_the_bisection() {
+        let (out, sent) = run(8, &[2], 401, 1000);
+        assert_eq!(sent.len(), 1);
+        assert!(out.rejected.is_empty() && out.delivered.is_empty());
+        let u = out.undelivered.unwrap();
+        assert_eq!(u.ranges, vec![0..8]);
+        assert_eq!(u.error, refuse(401));
+    }
+
+    #[test]
+    fn the_request_cap_settles_the_rest_as_rejected() {
+        let bad: Vec<usize> = (0..64).collect();
+        let (out, sent) = run(64, &bad, 400, 10);
+        assert_eq!(sent.len(), 10);
+        assert_eq!(out.rejected.len(), 64);
+        assert_eq!(covered(&out), (0..64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn into_result_maps_outcomes() {
+        let (out, _) = run(4, &[1], 400, 100);
+        assert_eq!(
+            out.into_result(4),
+            Err(DispatchError::PartiallyRejected {
+                rejected: 1,
+                total: 4,
+                status: 400
+            })
+        );
+        let (out, _) = run(1, &[0], 400, 100);
+        assert_eq!(out.into_result(1), Err(refuse(400)));
+        let (out, _) = run(3, &[], 400, 100);
+        assert_eq!(out.into_result(3), Ok(()));
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let t = HttpTransport::new(&HttpConfig::default()).unwrap();
+        let batch = RawBatch::from_parts(Bytes::new(), vec![]);
+        assert_send(&t.send("http://127.0.0.1:9/", Bytes::new()));
+        assert_send(&t.deliver_bisecting("http://127.0.0.1:9/", &batch));
+    }
+
+    #[test]
+    fn builder_rejects_bad_settings() {
+        let e = HttpDispatcher::builder()
+            .endpoint("ftp://x/")
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(e, HttpDispatcherError::InvalidEndpoint { .. }),
+            "{e}"
+        );
+        let e = HttpDispatcher::builder()
+            .header("bad name", "v")
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(e, HttpDispatcherError::InvalidHeader { .. }),
+            "{e}"
+        );
+        let e = HttpDispatcher::builder()
+            .header("X-Secret", "a\nb")
+            .build()
+            .unwrap_err();
+        assert!(!e.to_string().contains("a\nb"));
+    }
+}
