@@ -38,6 +38,8 @@ pub mod retry;
 pub mod user_event_factory;
 pub mod validate;
 
+pub use datafile::{DatafileError, ProjectConfig};
+pub use dispatcher::http::{HttpConfig, HttpDispatcher, HttpDispatcherError, HttpTransport};
 pub use dispatcher::{DispatchError, EventDispatcher};
 pub use event::{
     AttributeValue, Conversion, EventContext, Impression, Region, UserEvent, UserEventKind,
@@ -45,8 +47,15 @@ pub use event::{
 };
 pub use factory::{EventFactory, FactoryOutput, OversizedEvent};
 pub use log_event::LogEvent;
+pub use notification::{ListenerId, NotificationCenter, NotificationType};
 pub use payload::{Decision, DecisionMetadata, EventBatch, Snapshot, SnapshotEvent, Visitor};
+pub use processor::{
+    BatchEventProcessor, BatchEventProcessorBuilder, BuildError, CloseReport, EventProcessor,
+    ForwardingEventProcessor, ProcessError, ProcessorStats,
+};
 pub use raw::{MAX_PAYLOAD_BYTES, OversizedVisitor, RawBatch, RawBatchError};
+pub use retry::RetryPolicy;
+pub use user_event_factory::{EventBuildError, ImpressionRequest, UserEventFactory};
 
 /// The `client_name` this crate sends unless told otherwise.
 pub const CLIENT_NAME: &str = "tributary";
