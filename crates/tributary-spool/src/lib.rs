@@ -12,9 +12,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod dispatcher;
 mod payload;
+mod sqlite;
+pub mod sqs;
 
+pub use dispatcher::{
+    SpoolDispatcher, SpoolDispatcherBuilder, SpoolDispatcherError, SpoolDispatcherStats,
+};
 pub use payload::Payload;
+pub use sqlite::{DB_FILE, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode};
+pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsSpool};
 
 /// Identifies one leased payload until it is acked, released or dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -95,6 +103,10 @@ pub enum SpoolError {
     /// Bad configuration or spool address.
     #[error("invalid spool configuration: {0}")]
     Config(String),
+    /// One visitor is too large for the spool to store, even alone (an SQS message is at
+    /// most 256 KiB by default); nothing was appended. Retrying cannot help.
+    #[error("payload too large for the spool: {0}")]
+    TooLarge(String),
 }
 
 /// Durable storage of payloads between ingest and upstream delivery.

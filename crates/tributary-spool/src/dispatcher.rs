@@ -1,0 +1,383 @@
+//! [`SpoolDispatcher`]: an [`EventDispatcher`] that appends each [`LogEvent`] to a spool
+//! instead of sending it over HTTP.
+//!
+//! With an [`SqsSpool`](crate::SqsSpool) it is the producer half of the SQS bulk
+//! dispatcher: a Rust service writes its batches straight to the queue (one persistent
+//! client, `SendMessageBatch`, retries) and `tributary drain` nodes merge them into large
+//! upstream requests. With a [`SqliteSpool`](crate::SqliteSpool) it gives a single host a
+//! durable buffer that a `tributary drain` (or `serve`) on the same directory forwards.
+//!
+//! `dispatch` is synchronous (the processor calls it from its own thread) while spools are
+//! async, so the dispatcher owns a private thread with a single-threaded tokio runtime and
+//! blocks the caller on a reply channel, like the HTTP dispatcher: it never needs, and
+//! never blocks, the caller's runtime.
+//!
+//! ```no_run
+//! use tributary::BatchEventProcessor;
+//! use tributary_spool::{SpoolDispatcherBuilder, SqsConfig, SqsSpool};
+//!
+//! // The spool is opened on the dispatcher's own runtime, where it will be used.
+//! let dispatcher = SpoolDispatcherBuilder::new()
+//!     .attempts(5)
+//!     .build_with(|| SqsSpool::from_env(SqsConfig::new("events")))?;
+//! let processor = BatchEventProcessor::builder().dispatcher(dispatcher).build()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tributary::{DispatchError, EventDispatcher, LogEvent, Region};
+
+use crate::{Payload, Spool, SpoolError};
+
+/// Why a [`SpoolDispatcher`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolDispatcherError {
+    /// The worker thread or its runtime could not be started.
+    #[error("cannot start the spool dispatcher thread: {0}")]
+    Worker(String),
+    /// The spool could not be opened.
+    #[error("cannot open the spool: {0}")]
+    Open(#[from] SpoolError),
+}
+
+/// Counters of a [`SpoolDispatcher`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolDispatcherStats {
+    /// LogEvents appended.
+    pub appended: u64,
+    /// Append attempts that failed and were retried.
+    pub retries: u64,
+    /// LogEvents given up on (the error was returned to the processor).
+    pub failed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appended: AtomicU64,
+    retries: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Settings; see the builder methods for defaults.
+#[derive(Debug, Clone)]
+struct Settings {
+    attempts: u32,
+    first_backoff: Duration,
+    max_backoff: Duration,
+    attempt_timeout: Duration,
+}
+
+/// Builds a [`SpoolDispatcher`].
+#[derive(Debug, Clone)]
+pub struct SpoolDispatcherBuilder {
+    settings: Settings,
+}
+
+impl Default for SpoolDispatcherBuilder {
+    fn default() -> Self {
+        SpoolDispatcherBuilder {
+            settings: Settings {
+                attempts: 5,
+                first_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                attempt_timeout: Duration::from_secs(10),
+            },
+        }
+    }
+}
+
+impl SpoolDispatcherBuilder {
+    /// The default settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tries per LogEvent before `dispatch` fails with [`DispatchError::Transient`]
+    /// (default 5; at least 1).
+    pub fn attempts(mut self, n: u32) -> Self {
+        self.settings.attempts = n.max(1);
+        self
+    }
+
+    /// Pause after the first failed try, doubled after each next one up to `max`
+    /// (defaults 100 ms and 2 s).
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.settings.first_backoff = first;
+        self.settings.max_backoff = max.max(first);
+        self
+    }
+
+    /// Bound on one append (default 10 s), so `dispatch` returns even if the spool hangs:
+    /// one `dispatch` takes at most about `attempts × (attempt_timeout + max backoff)`.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.attempt_timeout = timeout;
+        self
+    }
+
+    /// A dispatcher appending to `spool`. Use this for spools that do not care which
+    /// runtime they run on (the SQLite spool); for SQS prefer [`Self::build_with`].
+    pub fn build<S: Spool>(self, spool: S) -> Result<SpoolDispatcher<S>, SpoolDispatcherError> {
+        self.build_with(move || async move { Ok(spool) })
+    }
+
+    /// A dispatcher appending to the spool `open` makes, run on the dispatcher's own
+    /// runtime: network clients (the SQS one) then keep their connections on the runtime
+    /// that uses them.
+    pub fn build_with<S, F, Fut>(self, open: F) -> Result<SpoolDispatcher<S>, SpoolDispatcherError>
+    where
+        S: Spool,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<S, SpoolError>> + 'static,
+    {
+        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<Arc<S>, SpoolError>>(1);
+        let settings = self.settings.clone();
+        let counters = Arc::new(Counters::default());
+        let worker_counters = counters.clone();
+        let worker = std::thread::Builder::new()
+            .name("tributary-spool-dispatcher".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(SpoolError::Storage(format!("no runtime: {e}"))));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let spool = match open().await {
+                        Ok(s) => Arc::new(s),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    if ready_tx.send(Ok(spool.clone())).is_err() {
+                        return;
+                    }
+                    serve(spool, jobs_rx, settings, worker_counters).await;
+                });
+            })
+            .map_err(|e| SpoolDispatcherError::Worker(e.to_string()))?;
+        let spool = match ready_rx.recv() {
+            Ok(Ok(spool)) => spool,
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                return Err(SpoolDispatcherError::Open(e));
+            }
+            Err(_) => {
+                let _ = worker.join();
+                return Err(SpoolDispatcherError::Worker(
+                    "the worker thread died".into(),
+                ));
+            }
+        };
+        Ok(SpoolDispatcher {
+            jobs: Some(jobs_tx),
+            worker: Some(worker),
+            spool,
+            counters,
+        })
+    }
+}
+
+/// The [`EventDispatcher`] into a [`Spool`]. See the [module docs](self).
+///
+/// Each [`LogEvent`] becomes one [`Payload`] routed `eu` when its context's region (or,
+/// without a context, its URL) is the EU endpoint and `us` otherwise, the routes the relay
+/// uses. `dispatch` returns once the spool has made it durable. Failures are retried
+/// (see [`SpoolDispatcherBuilder`]); then `dispatch` returns
+/// [`DispatchError::Transient`] (the spool is full or unreachable),
+/// [`DispatchError::Permanent`] with status 413 (a visitor too large for the spool) or
+/// [`DispatchError::Unavailable`] (the spool is closed or misconfigured, or the dispatcher
+/// was dropped). Concurrent callers are served concurrently; in-flight appends are bounded
+/// by the number of blocked callers. Dropping it stops and joins its thread.
+pub struct SpoolDispatcher<S: Spool> {
+    jobs: Option<mpsc::UnboundedSender<Job>>,
+    worker: Option<JoinHandle<()>>,
+    spool: Arc<S>,
+    counters: Arc<Counters>,
+}
+
+impl<S: Spool> std::fmt::Debug for SpoolDispatcher<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpoolDispatcher")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Spool> SpoolDispatcher<S> {
+    /// A dispatcher with the default settings appending to `spool`.
+    pub fn new(spool: S) -> Result<Self, SpoolDispatcherError> {
+        SpoolDispatcherBuilder::new().build(spool)
+    }
+
+    /// The spool, for stats or for draining it in-process. Its async methods may be called
+    /// from any runtime.
+    pub fn spool(&self) -> &Arc<S> {
+        &self.spool
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SpoolDispatcherStats {
+        SpoolDispatcherStats {
+            appended: self.counters.appended.load(Ordering::Relaxed),
+            retries: self.counters.retries.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Job {
+    payload: Payload,
+    reply: std::sync::mpsc::SyncSender<Result<(), DispatchError>>,
+}
+
+/// The worker loop: one task per job, so concurrent callers do not wait for each other.
+async fn serve<S: Spool>(
+    spool: Arc<S>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    settings: Settings,
+    counters: Arc<Counters>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            job = jobs.recv() => {
+                let Some(job) = job else { break };
+                let (spool, settings, counters) = (spool.clone(), settings.clone(), counters.clone());
+                tasks.spawn(async move {
+                    let result = append(&*spool, job.payload, &settings, &counters).await;
+                    let _ = job.reply.send(result);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Appends with retries; maps the last error to a [`DispatchError`].
+async fn append<S: Spool>(
+    spool: &S,
+    payload: Payload,
+    settings: &Settings,
+    counters: &Counters,
+) -> Result<(), DispatchError> {
+    let mut backoff = settings.first_backoff;
+    let mut attempt = 1;
+    loop {
+        let result = match tokio::time::timeout(
+            settings.attempt_timeout,
+            spool.append(vec![payload.clone()]),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(SpoolError::Storage(format!(
+                "append timed out after {:?}",
+                settings.attempt_timeout
+            ))),
+        };
+        let error = match result {
+            Ok(()) => {
+                counters.appended.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(SpoolError::TooLarge(m)) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                return Err(DispatchError::Permanent {
+                    status: 413,
+                    message: m,
+                });
+            }
+            Err(e @ (SpoolError::Closed | SpoolError::Config(_))) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                return Err(DispatchError::Unavailable(e.to_string()));
+            }
+            Err(e) => e,
+        };
+        if attempt >= settings.attempts {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %error, attempts = attempt, "spool append failed; giving up");
+            return Err(DispatchError::Transient {
+                message: error.to_string(),
+                retry_after: None,
+            });
+        }
+        tracing::debug!(error = %error, attempt, "spool append failed; retrying");
+        counters.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(settings.max_backoff);
+        attempt += 1;
+    }
+}
+
+/// The relay's route name for `log_event`.
+fn route_of(log_event: &LogEvent) -> &'static str {
+    let region = match log_event.context() {
+        Some(ctx) => ctx.region,
+        None if is_eu_url(&log_event.url) => Region::Eu,
+        None => Region::Us,
+    };
+    match region {
+        Region::Eu => "eu",
+        Region::Us => "us",
+    }
+}
+
+/// The EU Event API endpoint, or a relay's `/eu/v1/events`.
+fn is_eu_url(url: &str) -> bool {
+    url == Region::Eu.endpoint()
+        || url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.starts_with("eu.") || rest.contains("/eu/"))
+}
+
+impl<S: Spool> EventDispatcher for SpoolDispatcher<S> {
+    fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
+        let stopped =
+            || DispatchError::Unavailable("the spool dispatcher thread has stopped".into());
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        let payload = Payload::from_batch(route_of(log_event), log_event.batch());
+        let (reply, settled) = std::sync::mpsc::sync_channel(1);
+        jobs.send(Job { payload, reply }).map_err(|_| stopped())?;
+        settled.recv().map_err(|_| stopped())?
+    }
+}
+
+impl<S: Spool> Drop for SpoolDispatcher<S> {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker loop; no dispatch can be in flight (it
+        // borrows self), so the join is immediate.
+        self.jobs.take();
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            tracing::error!("the spool dispatcher thread panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eu_urls_are_recognised() {
+        assert!(is_eu_url("https://eu.logx.optimizely.com/v1/events"));
+        assert!(is_eu_url("http://127.0.0.1:8080/eu/v1/events"));
+        assert!(!is_eu_url("https://logx.optimizely.com/v1/events"));
+        assert!(!is_eu_url("http://relay/v1/events"));
+    }
+}
