@@ -5,8 +5,17 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cmd_drain;
 mod cmd_event;
+mod cmd_spool;
 mod cmd_validate;
+mod config;
+mod forwarder;
+mod ingest;
+mod serve;
+mod spool_addr;
+mod telemetry;
+mod upstream;
 
 /// Tributary: batch, store and forward experimentation events to the Optimizely Event API.
 #[derive(Debug, Parser)]
@@ -18,6 +27,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the relay: accept Event API payloads, spool them durably, forward them upstream.
+    Serve(serve::ServeArgs),
+    /// Forward what a spool holds, without accepting new payloads.
+    Drain(cmd_drain::DrainArgs),
+    /// Inspect a spool and manage its dead letters.
+    #[command(subcommand)]
+    Spool(cmd_spool::SpoolCommand),
     /// Build an impression or conversion from a datafile; print it or send it.
     #[command(subcommand)]
     Event(cmd_event::EventCommand),
@@ -32,6 +48,9 @@ fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Drain(args) => cmd_drain::run(args),
+        Command::Spool(cmd) => cmd_spool::run(cmd),
         Command::Event(cmd) => cmd_event::run(cmd),
         Command::Validate(args) => cmd_validate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
@@ -45,12 +64,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
+/// Logs to stderr; `RUST_LOG` filters (default `info`). `TRIBUTARY_LOG_FORMAT=json` for
+/// one JSON object per line.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if std::env::var("TRIBUTARY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -61,3 +61,8 @@ pub use user_event_factory::{EventBuildError, ImpressionRequest, UserEventFactor
 pub const CLIENT_NAME: &str = "tributary";
 /// The `client_version` this crate sends unless told otherwise.
 pub const CLIENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The README's examples, compiled as doctests so they cannot go stale.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -631,7 +631,9 @@ fn builder_rejects_invalid_settings() {
         invalid(base().max_pending_batches(0)),
         "max_pending_batches"
     );
-    assert!(matches!(base().build(), Err(BuildError::MissingDispatcher)));
+    // Without a dispatcher the default HTTP dispatcher is used.
+    let default = base().start_on_init(false).build().unwrap();
+    assert_eq!(default.close().dispatched, 0);
     // Huge durations are valid and do not overflow.
     let p = base()
         .dispatcher(rec)

@@ -147,7 +147,7 @@ impl BatchEventProcessor {
 
     pub(crate) fn from_builder(b: BatchEventProcessorBuilder) -> Result<Self, BuildError> {
         let Some(dispatcher) = b.dispatcher else {
-            return Err(BuildError::MissingDispatcher);
+            return Err(BuildError::MissingDispatcher("no dispatcher".into()));
         };
         let (data_tx, data_rx) = bounded(b.queue_capacity);
         let (ctrl_tx, ctrl_rx) = bounded(CONTROL_CAPACITY);

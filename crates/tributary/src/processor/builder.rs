@@ -34,9 +34,9 @@ pub mod env {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// No dispatcher was given.
-    #[error("no event dispatcher: call .dispatcher(...)")]
-    MissingDispatcher,
+    /// No dispatcher was given and the default HTTP dispatcher could not be made.
+    #[error("no event dispatcher given, and the default HTTP dispatcher failed: {0}")]
+    MissingDispatcher(String),
     /// A setting is out of range.
     #[error("invalid {setting}: {reason}")]
     Invalid {
@@ -145,7 +145,8 @@ impl Default for BatchEventProcessorBuilder {
 const MIN_BATCH_BYTES: usize = 1024;
 
 impl BatchEventProcessorBuilder {
-    /// Where requests go. Required. The dispatcher is called from the processor's dispatch
+    /// Where requests go (default: an [`HttpDispatcher`](crate::HttpDispatcher) with its
+    /// defaults, posting each request to the Event API endpoint of its region). The dispatcher is called from the processor's dispatch
     /// thread, one request at a time, and dropped on that thread.
     pub fn dispatcher(mut self, dispatcher: impl EventDispatcher) -> Self {
         self.dispatcher = Some(Box::new(dispatcher));
@@ -280,16 +281,20 @@ impl BatchEventProcessorBuilder {
         if self.max_pending_batches == 0 {
             return invalid("max_pending_batches", "must be at least 1");
         }
-        if self.dispatcher.is_none() {
-            return Err(BuildError::MissingDispatcher);
-        }
         Ok(())
     }
 
     /// Checks the settings and makes the processor, started unless
     /// [`start_on_init(false)`](Self::start_on_init).
-    pub fn build(self) -> Result<BatchEventProcessor, BuildError> {
+    pub fn build(mut self) -> Result<BatchEventProcessor, BuildError> {
         self.validate()?;
+        if self.dispatcher.is_none() {
+            // The SDKs' default: POST each request to its LogEvent URL.
+            let http = crate::dispatcher::http::HttpDispatcher::builder()
+                .build()
+                .map_err(|e| BuildError::MissingDispatcher(e.to_string()))?;
+            self.dispatcher = Some(Box::new(http));
+        }
         BatchEventProcessor::from_builder(self)
     }
 }

@@ -1,0 +1,286 @@
+//! `tributary bench relay`: a load generator that posts realistic Event API payloads to a
+//! relay and reports throughput and latency; and `tributary bench sink`: a bare axum server
+//! answering 204, the peer the relay is measured against and a local upstream for
+//! forwarding benchmarks.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+
+use crate::config::HumanDuration;
+
+/// `tributary bench relay` flags.
+#[derive(Debug, clap::Args)]
+pub struct RelayLoadArgs {
+    /// Relay ingest URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080/v1/events")]
+    pub url: String,
+    /// Events (visitors) per payload.
+    #[arg(long, default_value_t = 1)]
+    pub events_per_payload: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// How long to send.
+    #[arg(long, default_value = "10s")]
+    pub duration: HumanDuration,
+    /// Requests per second in total; 0 sends as fast as the relay answers. With a rate,
+    /// latency is measured from when each request was due, so a stalled server is not hidden.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tributary bench sink` flags.
+#[derive(Debug, clap::Args)]
+pub struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// Exit once this many events (visitors) were received, printing the rate.
+    #[arg(long)]
+    pub expect_events: Option<u64>,
+}
+
+/// A realistic payload: the shape the Python SDK sends for a conversion, `n` visitors.
+pub fn sample_payload(n: usize, seq: u64) -> Vec<u8> {
+    let visitors: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "snapshots": [{"events": [{
+                    "entity_id": "21549340108",
+                    "uuid": format!("00000000-0000-4000-8000-{:012x}", seq * n as u64 + i as u64),
+                    "key": "purchase",
+                    "timestamp": 1_795_443_245_068u64,
+                    "revenue": 4200,
+                    "value": 3.5,
+                    "tags": {"revenue": 4200, "value": 3.5, "category": "shoes"}
+                }]}],
+                "attributes": [
+                    {"entity_id": "21554750045", "key": "country", "type": "custom", "value": "DE"},
+                    {"entity_id": "21556420039", "key": "plan", "type": "custom", "value": "free"},
+                    {"entity_id": "21563280023", "key": "age", "type": "custom", "value": 34},
+                    {"entity_id": "$opt_bot_filtering", "key": "$opt_bot_filtering", "type": "custom", "value": true}
+                ],
+                "visitor_id": format!("user-{}", seq * n as u64 + i as u64)
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "account_id": "12133785640", "project_id": "21537940595", "revision": "131",
+        "client_name": "python-sdk", "client_version": "5.7.0",
+        "anonymize_ip": true, "enrich_decisions": true, "visitors": visitors
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Runs the load generator.
+pub fn run_load(args: RelayLoadArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+    anyhow::ensure!(
+        args.events_per_payload > 0,
+        "--events-per-payload must be at least 1"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(load(&args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}",
+            "requests", "errors", "req/s", "events/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
+        );
+        println!(
+            "{:>10} {:>10} {:>12.0} {:>12.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            report.requests,
+            report.errors,
+            report.requests_per_sec,
+            report.events_per_sec,
+            report.p50_ms,
+            report.p90_ms,
+            report.p99_ms,
+            report.max_ms
+        );
+    }
+    Ok(if report.errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// What a load run measured.
+#[derive(Debug, serde::Serialize)]
+pub struct LoadReport {
+    /// Requests answered 2xx.
+    pub requests: u64,
+    /// Requests that failed or were answered otherwise.
+    pub errors: u64,
+    /// 2xx requests per second.
+    pub requests_per_sec: f64,
+    /// Events per second in 2xx requests.
+    pub events_per_sec: f64,
+    /// Latency percentiles in milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+}
+
+async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    // Distinct bodies so the relay stores distinct events; built before the clock starts.
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        (0..256u64)
+            .map(|s| Bytes::from(sample_payload(args.events_per_payload, s)))
+            .collect(),
+    );
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + args.duration.0;
+    let per_conn_interval = (args.rate > 0)
+        .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for conn in 0..args.connections {
+        let client = client.clone();
+        let bodies = bodies.clone();
+        let errors = errors.clone();
+        let url = args.url.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::with_capacity(1 << 16);
+            let mut due = Instant::now();
+            let mut i = conn;
+            while Instant::now() < until {
+                if per_conn_interval.is_some() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let body = bodies[i % bodies.len()].clone();
+                i += 1;
+                let sent = per_conn_interval.map_or_else(Instant::now, |_| due);
+                let ok = match client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status().is_success(),
+                    Err(_) => false,
+                };
+                if ok {
+                    latencies.push(sent.elapsed().as_nanos() as u64);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(step) = per_conn_interval {
+                    due += step;
+                }
+            }
+            latencies
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return 0.0;
+        }
+        let idx = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
+        all[idx] as f64 / 1e6
+    };
+    let requests = all.len() as u64;
+    Ok(LoadReport {
+        requests,
+        errors: errors.load(Ordering::Relaxed),
+        requests_per_sec: requests as f64 / elapsed,
+        events_per_sec: (requests * args.events_per_payload as u64) as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p90_ms: pct(0.90),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        max_ms: all.last().map_or(0.0, |&n| n as f64 / 1e6),
+    })
+}
+
+#[derive(Default)]
+struct SinkState {
+    requests: AtomicU64,
+    events: AtomicU64,
+    first_at: std::sync::OnceLock<Instant>,
+}
+
+/// Runs the bare sink until `--expect-events` arrive, or forever.
+pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let state = Arc::new(SinkState::default());
+        let app = axum::Router::new()
+            .route("/v1/events", post(sink))
+            .route("/eu/v1/events", post(sink))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        eprintln!("sink listening on {}", listener.local_addr()?);
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        match args.expect_events {
+            Some(n) => {
+                while state.events.load(Ordering::Relaxed) < n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let secs = state
+                    .first_at
+                    .get()
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                let events = state.events.load(Ordering::Relaxed);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "events": events,
+                        "requests": state.requests.load(Ordering::Relaxed),
+                        "seconds": secs,
+                        "events_per_sec": events as f64 / secs.max(1e-9),
+                    })
+                );
+                server.abort();
+            }
+            None => {
+                crate::serve::shutdown_signal().await;
+                server.abort();
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Answers 204; counts visitors by parsing only the top level.
+async fn sink(State(state): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
+    let _ = state.first_at.set(Instant::now());
+    let n = tributary::RawBatch::parse(body).map_or(0, |b| b.visitors().len() as u64);
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    state.events.fetch_add(n, Ordering::Relaxed);
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,438 @@
+//! Relay settings: flags, environment variables and a TOML file, resolved into one
+//! [`RelayConfig`] with documented defaults.
+//!
+//! Precedence: a flag, then its environment variable, then the `--config` file, then the
+//! default. Every setting has all three forms: `--max-batch-bytes`, `TRIBUTARY_MAX_BATCH_BYTES`,
+//! and `max-batch-bytes = 3500000` in the file.
+
+// The field docs are also `--help` text, where URLs must stay bare.
+#![allow(rustdoc::bare_urls)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A duration written the human way: `500ms`, `30s`, `5m`, `4days`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = humantime::DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s).map(HumanDuration)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How appends are made durable in the SQLite spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync on every group commit: survives power loss.
+    Full,
+    /// fsync at checkpoints only: survives a crash of the relay (`kill -9`), not of the host.
+    Normal,
+}
+
+/// Settings shared by `serve` and `drain`. Every field is optional here; [`RelayConfig`]
+/// holds the resolved values.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RelaySettings {
+    /// Address to accept Event API payloads on [default: 127.0.0.1:8080].
+    #[arg(long, env = "TRIBUTARY_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Where `POST /v1/events` payloads go [default: https://logx.optimizely.com/v1/events].
+    #[arg(long, env = "TRIBUTARY_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+
+    /// Where `POST /eu/v1/events` payloads go [default: https://eu.logx.optimizely.com/v1/events].
+    #[arg(long, env = "TRIBUTARY_EU_UPSTREAM", value_name = "URL")]
+    pub eu_upstream: Option<String>,
+
+    /// Spool: a directory for the embedded SQLite spool, or sqs://QUEUE (a name or a queue
+    /// URL) for AWS SQS [default: ./tributary-spool].
+    #[arg(long, env = "TRIBUTARY_SPOOL", value_name = "DIR|sqs://QUEUE")]
+    pub spool: Option<String>,
+
+    /// Largest request body accepted, after decompression, in bytes [default: 16777216].
+    /// Payloads over max-batch-bytes are accepted and split by visitors.
+    #[arg(long, env = "TRIBUTARY_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// Largest payload sent upstream, in bytes [default: 3500000, the Event API's limit].
+    #[arg(long, env = "TRIBUTARY_MAX_BATCH_BYTES", value_name = "BYTES")]
+    pub max_batch_bytes: Option<usize>,
+
+    /// Most visitors (events) in one upstream payload [default: 10000].
+    #[arg(long, env = "TRIBUTARY_MAX_BATCH_EVENTS", value_name = "N")]
+    pub max_batch_events: Option<usize>,
+
+    /// How long a payload may wait for others to merge with [default: 1s].
+    #[arg(long, env = "TRIBUTARY_FLUSH_INTERVAL", value_name = "DURATION")]
+    pub flush_interval: Option<HumanDuration>,
+
+    /// Upstream requests in flight at once [default: 4].
+    #[arg(long, env = "TRIBUTARY_CONCURRENCY", value_name = "N")]
+    pub concurrency: Option<usize>,
+
+    /// Upstream request timeout [default: 10s].
+    #[arg(long, env = "TRIBUTARY_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<HumanDuration>,
+
+    /// Longest wait before a failed payload is tried again [default: 5m].
+    #[arg(long, env = "TRIBUTARY_MAX_RETRY_DELAY", value_name = "DURATION")]
+    pub max_retry_delay: Option<HumanDuration>,
+
+    /// Spool size limit in bytes; past it ingest answers 503 [default: 1073741824].
+    #[arg(long, env = "TRIBUTARY_SPOOL_MAX_BYTES", value_name = "BYTES")]
+    pub spool_max_bytes: Option<u64>,
+
+    /// How long an undelivered payload is kept before it becomes a dead letter [default: 4days].
+    #[arg(long, env = "TRIBUTARY_RETENTION", value_name = "DURATION")]
+    pub retention: Option<HumanDuration>,
+
+    /// SQLite durability: full (fsync per group commit) or normal [default: full].
+    #[arg(long, env = "TRIBUTARY_SPOOL_SYNC", value_name = "MODE")]
+    pub spool_sync: Option<SyncMode>,
+
+    /// Bearer tokens clients must present (`Authorization: Bearer T`), comma-separated.
+    /// Empty: no authentication [default: none].
+    #[arg(
+        long,
+        env = "TRIBUTARY_AUTH_TOKENS",
+        value_name = "T1,T2",
+        value_delimiter = ','
+    )]
+    pub auth_tokens: Option<Vec<String>>,
+
+    /// How long shutdown keeps forwarding before it exits [default: 10s]. What is left stays
+    /// spooled for the next start.
+    #[arg(long, env = "TRIBUTARY_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<HumanDuration>,
+
+    /// How long a forwarder holds payloads it is sending before another forwarder may take
+    /// them (the SQS visibility timeout of a receive) [default: 6 × request-timeout, at
+    /// least 1m]. Must outlast one send with its retries, or payloads are sent twice.
+    #[arg(long, env = "TRIBUTARY_LEASE_TIMEOUT", value_name = "DURATION")]
+    pub lease_timeout: Option<HumanDuration>,
+
+    /// SQS spool: dead-letter queue, name or URL [default: the target of the queue's
+    /// redrive policy, if any].
+    #[arg(long, env = "TRIBUTARY_SQS_DEAD_LETTER_QUEUE", value_name = "QUEUE")]
+    pub sqs_dead_letter_queue: Option<String>,
+
+    /// SQS spool: dead-letter a message received more than this many times; 0 = never
+    /// [default: 0]. Each retry during an upstream outage is a receive: keep it above
+    /// retention / max-retry-delay.
+    #[arg(long, env = "TRIBUTARY_SQS_MAX_RECEIVES", value_name = "N")]
+    pub sqs_max_receives: Option<u32>,
+
+    /// SQS spool: long-polling wait of a forwarder's first receive, 0s to 20s [default: 1s].
+    #[arg(long, env = "TRIBUTARY_SQS_WAIT_TIME", value_name = "DURATION")]
+    pub sqs_wait_time: Option<HumanDuration>,
+
+    /// SQS spool: receives in flight at once while filling a lease, 10 messages each
+    /// [default: 8].
+    #[arg(long, env = "TRIBUTARY_SQS_RECEIVERS", value_name = "N")]
+    pub sqs_receivers: Option<usize>,
+
+    /// SQS spool: largest message in bytes; payloads are split by visitors to fit
+    /// [default: 262144]. Queues created since 2025 accept up to 1048576.
+    #[arg(long, env = "TRIBUTARY_SQS_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub sqs_max_message_bytes: Option<usize>,
+}
+
+/// The resolved relay configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// US upstream URL.
+    pub upstream: String,
+    /// EU upstream URL.
+    pub eu_upstream: String,
+    /// Spool address.
+    pub spool: String,
+    /// Request body limit after decompression.
+    pub max_body_bytes: usize,
+    /// Upstream payload size limit.
+    pub max_batch_bytes: usize,
+    /// Upstream payload visitor limit.
+    pub max_batch_events: usize,
+    /// Merge window.
+    pub flush_interval: Duration,
+    /// Upstream requests in flight.
+    pub concurrency: usize,
+    /// Upstream request timeout.
+    pub request_timeout: Duration,
+    /// Cap on the delay before a failed payload is retried.
+    pub max_retry_delay: Duration,
+    /// Spool size limit.
+    pub spool_max_bytes: u64,
+    /// Retention before dead-lettering.
+    pub retention: Duration,
+    /// SQLite sync mode.
+    pub spool_sync: SyncMode,
+    /// Accepted bearer tokens; empty means no auth.
+    pub auth_tokens: Vec<String>,
+    /// Shutdown drain time.
+    pub shutdown_grace: Duration,
+    /// How long a forwarder's lease hides payloads from other forwarders.
+    pub lease_timeout: Duration,
+    /// SQS dead-letter queue (name or URL), if set.
+    pub sqs_dead_letter_queue: Option<String>,
+    /// SQS receive count past which a message is dead-lettered; 0 = never.
+    pub sqs_max_receives: u32,
+    /// SQS long-polling wait.
+    pub sqs_wait_time: Duration,
+    /// SQS receives in flight per lease.
+    pub sqs_receivers: usize,
+    /// SQS message size limit.
+    pub sqs_max_message_bytes: usize,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (names the key and line).
+        message: String,
+    },
+    /// A value out of range.
+    #[error("invalid setting {name}: {message}")]
+    Invalid {
+        /// Setting name as in the file.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl RelaySettings {
+    /// Reads a TOML file of settings (kebab-case keys, as the flags without `--`).
+    pub fn from_file(path: &Path) -> Result<RelaySettings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Resolves `self` (flags and env) over `file` over the defaults.
+    pub fn resolve(self, file: RelaySettings) -> Result<RelayConfig, ConfigError> {
+        let pick_d = |a: Option<HumanDuration>, b: Option<HumanDuration>, d: Duration| {
+            a.or(b).map_or(d, |h| h.0)
+        };
+        let config = RelayConfig {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            upstream: self
+                .upstream
+                .or(file.upstream)
+                .unwrap_or_else(|| tributary::Region::Us.endpoint().to_owned()),
+            eu_upstream: self
+                .eu_upstream
+                .or(file.eu_upstream)
+                .unwrap_or_else(|| tributary::Region::Eu.endpoint().to_owned()),
+            spool: self
+                .spool
+                .or(file.spool)
+                .unwrap_or_else(|| "./tributary-spool".to_owned()),
+            max_body_bytes: self
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(16 << 20),
+            max_batch_bytes: self
+                .max_batch_bytes
+                .or(file.max_batch_bytes)
+                .unwrap_or(tributary::MAX_PAYLOAD_BYTES),
+            max_batch_events: self
+                .max_batch_events
+                .or(file.max_batch_events)
+                .unwrap_or(10_000),
+            flush_interval: pick_d(
+                self.flush_interval,
+                file.flush_interval,
+                Duration::from_secs(1),
+            ),
+            concurrency: self.concurrency.or(file.concurrency).unwrap_or(4),
+            request_timeout: pick_d(
+                self.request_timeout,
+                file.request_timeout,
+                Duration::from_secs(10),
+            ),
+            max_retry_delay: pick_d(
+                self.max_retry_delay,
+                file.max_retry_delay,
+                Duration::from_secs(300),
+            ),
+            spool_max_bytes: self
+                .spool_max_bytes
+                .or(file.spool_max_bytes)
+                .unwrap_or(1 << 30),
+            retention: pick_d(
+                self.retention,
+                file.retention,
+                Duration::from_secs(4 * 24 * 3600),
+            ),
+            spool_sync: self
+                .spool_sync
+                .or(file.spool_sync)
+                .unwrap_or(SyncMode::Full),
+            auth_tokens: self
+                .auth_tokens
+                .or(file.auth_tokens)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            shutdown_grace: pick_d(
+                self.shutdown_grace,
+                file.shutdown_grace,
+                Duration::from_secs(10),
+            ),
+            lease_timeout: Duration::ZERO,
+            sqs_dead_letter_queue: self.sqs_dead_letter_queue.or(file.sqs_dead_letter_queue),
+            sqs_max_receives: self.sqs_max_receives.or(file.sqs_max_receives).unwrap_or(0),
+            sqs_wait_time: pick_d(
+                self.sqs_wait_time,
+                file.sqs_wait_time,
+                Duration::from_secs(1),
+            ),
+            sqs_receivers: self.sqs_receivers.or(file.sqs_receivers).unwrap_or(8),
+            sqs_max_message_bytes: self
+                .sqs_max_message_bytes
+                .or(file.sqs_max_message_bytes)
+                .unwrap_or(262_144),
+        };
+        // A lease must outlast one send with its in-request retries.
+        let lease_default = (config.request_timeout * 6).max(Duration::from_secs(60));
+        let config = RelayConfig {
+            lease_timeout: pick_d(self.lease_timeout, file.lease_timeout, lease_default),
+            ..config
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl RelayConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                message: message.to_owned(),
+            })
+        };
+        for (name, url) in [
+            ("upstream", &self.upstream),
+            ("eu-upstream", &self.eu_upstream),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return invalid(name, &format!("{url:?} is not an http(s) URL"));
+            }
+        }
+        // Smallest useful payload: a header and one small visitor.
+        if self.max_batch_bytes < 1024 {
+            return invalid("max-batch-bytes", "must be at least 1024");
+        }
+        if self.max_body_bytes < 1024 {
+            return invalid("max-body-bytes", "must be at least 1024");
+        }
+        if self.max_batch_events == 0 {
+            return invalid("max-batch-events", "must be at least 1");
+        }
+        if self.concurrency == 0 || self.concurrency > 256 {
+            return invalid("concurrency", "must be between 1 and 256");
+        }
+        if self.flush_interval.is_zero() {
+            return invalid("flush-interval", "must be more than 0");
+        }
+        if self.request_timeout.is_zero() {
+            return invalid("request-timeout", "must be more than 0");
+        }
+        if self.retention < Duration::from_secs(60) {
+            return invalid("retention", "must be at least 1m");
+        }
+        if self.lease_timeout < Duration::from_secs(1)
+            || self.lease_timeout > Duration::from_secs(43_200)
+        {
+            return invalid("lease-timeout", "must be between 1s and 12h");
+        }
+        if self.sqs_wait_time > Duration::from_secs(20) {
+            return invalid("sqs-wait-time", "must be at most 20s");
+        }
+        if self.sqs_receivers == 0 || self.sqs_receivers > 64 {
+            return invalid("sqs-receivers", "must be between 1 and 64");
+        }
+        if !(4096..=1_048_576).contains(&self.sqs_max_message_bytes) {
+            return invalid("sqs-max-message-bytes", "must be between 4096 and 1048576");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_over_defaults() {
+        let file: RelaySettings = toml::from_str(
+            "upstream = \"http://file.example/v1/events\"\nconcurrency = 8\nflush-interval = \"250ms\"",
+        )
+        .unwrap();
+        let flags = RelaySettings {
+            concurrency: Some(2),
+            ..Default::default()
+        };
+        let c = flags.resolve(file).unwrap();
+        assert_eq!(c.concurrency, 2);
+        assert_eq!(c.upstream, "http://file.example/v1/events");
+        assert_eq!(c.flush_interval, Duration::from_millis(250));
+        assert_eq!(c.max_batch_bytes, 3_500_000);
+        assert_eq!(c.retention, Duration::from_secs(345_600));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = toml::from_str::<RelaySettings>("concurency = 8").unwrap_err();
+        assert!(err.to_string().contains("concurency"), "{err}");
+        let bad = RelaySettings {
+            upstream: Some("ftp://x".into()),
+            ..Default::default()
+        };
+        let err = bad.resolve(RelaySettings::default()).unwrap_err();
+        assert!(err.to_string().contains("upstream"), "{err}");
+    }
+}

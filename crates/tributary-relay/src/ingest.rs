@@ -1,0 +1,368 @@
+//! `POST /v1/events` and `POST /eu/v1/events`: accept an Event API payload, make it durable,
+//! then answer.
+//!
+//! The order matters and is the relay's promise: authenticate, bound the body, check the
+//! shape, split what is over `max_batch_bytes` by visitors, append to the spool, and only
+//! when the spool has committed answer `204`. Any failure before the commit answers an error
+//! and stores nothing; nothing after the commit can fail the request.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
+use tributary::{RawBatch, RawBatchError};
+use tributary_spool::{Payload, Spool, SpoolError};
+
+/// Which upstream a payload was posted for. EU traffic is kept apart from US traffic from
+/// the moment it arrives: the route is stored with the payload and merging never crosses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /v1/events`, forwarded to `--upstream`.
+    Us,
+    /// `POST /eu/v1/events`, forwarded to `--eu-upstream`.
+    Eu,
+}
+
+impl Route {
+    /// The name stored in the spool.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Us => "us",
+            Route::Eu => "eu",
+        }
+    }
+}
+
+/// What the ingest handlers share.
+pub struct IngestState {
+    /// Where accepted payloads go.
+    pub spool: Arc<dyn Spool>,
+    /// Request body limit, compressed and decompressed.
+    pub max_body_bytes: usize,
+    /// Stored payloads are split to at most this many bytes.
+    pub max_batch_bytes: usize,
+    /// Accepted bearer tokens; empty means no authentication.
+    pub auth_tokens: Vec<String>,
+    /// Woken when enough has been appended to fill a batch.
+    pub forwarder_wake: Arc<Notify>,
+    /// Bytes appended since the forwarder last looked.
+    pub appended_bytes: Arc<AtomicUsize>,
+}
+
+/// An ingest error, answered as `{"error": ..., "path": ...}`.
+#[derive(Debug)]
+pub struct IngestError {
+    status: StatusCode,
+    message: String,
+    path: Option<String>,
+    retry_after: Option<u64>,
+}
+
+impl IngestError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        IngestError {
+            status,
+            message: message.into(),
+            path: None,
+            retry_after: None,
+        }
+    }
+
+    fn at(mut self, path: impl Into<String>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "error": self.message });
+        if let Some(path) = self.path {
+            body["path"] = serde_json::Value::from(path);
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// `POST /v1/events`.
+pub async fn post_us(
+    State(state): State<Arc<IngestState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, IngestError> {
+    ingest(&state, Route::Us, &headers, body).await
+}
+
+/// `POST /eu/v1/events`.
+pub async fn post_eu(
+    State(state): State<Arc<IngestState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, IngestError> {
+    ingest(&state, Route::Eu, &headers, body).await
+}
+
+async fn ingest(
+    state: &IngestState,
+    route: Route,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<StatusCode, IngestError> {
+    let result = accept(state, route, headers, body).await;
+    let status = match &result {
+        Ok(s) => *s,
+        Err(e) => e.status,
+    };
+    metrics::counter!("tributary_ingest_requests_total", "status" => status.as_str().to_owned())
+        .increment(1);
+    result
+}
+
+async fn accept(
+    state: &IngestState,
+    route: Route,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<StatusCode, IngestError> {
+    authenticate(&state.auth_tokens, headers)?;
+    check_content_type(headers)?;
+    let raw = axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| {
+            IngestError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body over {} bytes", state.max_body_bytes),
+            )
+        })?;
+    let body = decode_body(headers, raw, state.max_body_bytes)?;
+    let batch = parse_payload(body)?;
+    let events = batch.visitors().len();
+    let parts = batch.split_to_fit(state.max_batch_bytes).map_err(|e| {
+        IngestError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            .at(format!("$.visitors[{}]", e.index))
+    })?;
+    let payloads: Vec<Payload> = parts
+        .iter()
+        .map(|b| Payload::from_batch(route.as_str(), b))
+        .collect();
+    let bytes: usize = payloads.iter().map(Payload::stored_len).sum();
+    state.spool.append(payloads).await.map_err(spool_error)?;
+
+    metrics::counter!("tributary_ingest_events_total").increment(events as u64);
+    metrics::counter!("tributary_ingest_bytes_total").increment(bytes as u64);
+    let pending = state.appended_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if pending >= state.max_batch_bytes {
+        state.forwarder_wake.notify_one();
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn spool_error(e: SpoolError) -> IngestError {
+    if let SpoolError::TooLarge(m) = &e {
+        // A visitor too large for the spool (an SQS message): resending cannot help.
+        return IngestError::new(StatusCode::PAYLOAD_TOO_LARGE, m.clone());
+    }
+    let (retry_after, message) = match &e {
+        SpoolError::Full { .. } => (5, e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "spool append failed; answering 503");
+            (1, "spool unavailable".to_owned())
+        }
+    };
+    IngestError {
+        retry_after: Some(retry_after),
+        ..IngestError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+fn authenticate(tokens: &[String], headers: &HeaderMap) -> Result<(), IngestError> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(given) = given else {
+        return Err(IngestError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer token",
+        ));
+    };
+    // Compare against every token, without stopping early, in constant time per token.
+    let ok = tokens.iter().fold(0u8, |acc, t| {
+        acc | u8::from(bool::from(t.as_bytes().ct_eq(given.as_bytes())))
+    });
+    if ok == 1 {
+        Ok(())
+    } else {
+        Err(IngestError::new(StatusCode::UNAUTHORIZED, "invalid token"))
+    }
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), IngestError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(IngestError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type must be application/json, got {ct:?}"),
+        ))
+    }
+}
+
+/// Undoes `Content-Encoding: gzip`, refusing to inflate past `limit` bytes.
+fn decode_body(headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<Bytes, IngestError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim();
+    if encoding.eq_ignore_ascii_case("identity") || encoding.is_empty() {
+        return Ok(raw);
+    }
+    if !encoding.eq_ignore_ascii_case("gzip") {
+        return Err(IngestError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding {encoding:?} not supported; use gzip or none"),
+        ));
+    }
+    let mut out = Vec::with_capacity(raw.len() * 4);
+    let mut decoder = flate2::read::GzDecoder::new(&raw[..]).take(limit as u64 + 1);
+    decoder.read_to_end(&mut out).map_err(|e| {
+        IngestError::new(StatusCode::BAD_REQUEST, format!("invalid gzip body: {e}"))
+    })?;
+    if out.len() > limit {
+        return Err(IngestError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("decompressed body over {limit} bytes"),
+        ));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Reads the payload and checks the shape the relay relies on (see
+/// [`tributary::validate::validate_payload_shape`]): a top-level object with a non-empty
+/// string `account_id` and a non-empty `visitors` array whose items each have a non-empty
+/// string `visitor_id` and a non-empty `snapshots` array. Everything else is the upstream's
+/// to judge. The first problem is answered, with its JSON path.
+pub fn parse_payload(body: Bytes) -> Result<RawBatch, IngestError> {
+    let bad = |m: String| IngestError::new(StatusCode::BAD_REQUEST, m);
+    if let Err(problems) = tributary::validate::validate_payload_shape(&body) {
+        let first = problems.into_iter().next();
+        return Err(match first {
+            Some(p) if p.path == "$" => bad(p.message),
+            Some(p) => bad(p.message).at(p.path),
+            None => bad("invalid payload".into()),
+        });
+    }
+    RawBatch::parse(body).map_err(|e| match e {
+        RawBatchError::MissingVisitors => bad("missing".into()).at("$.visitors"),
+        RawBatchError::DuplicateField(f) => bad("duplicate field".into()).at(format!("$.{f}")),
+        RawBatchError::Json(e) => bad(format!("invalid JSON: {e}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(s: &str) -> Result<RawBatch, IngestError> {
+        parse_payload(Bytes::from(s.to_owned()))
+    }
+
+    #[test]
+    fn shape_errors_name_the_path() {
+        let cases = [
+            (r#"[1]"#, None),
+            (
+                r#"{"visitors":[{"visitor_id":"a","snapshots":[{}]}]}"#,
+                Some("$.account_id"),
+            ),
+            (r#"{"account_id":"1"}"#, Some("$.visitors")),
+            (r#"{"account_id":"1","visitors":[]}"#, Some("$.visitors")),
+            (r#"{"account_id":1,"visitors":[]}"#, Some("$.account_id")),
+            (
+                r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]},{"snapshots":[{}]}]}"#,
+                Some("$.visitors[1].visitor_id"),
+            ),
+            (
+                r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":{}}]}"#,
+                Some("$.visitors[0].snapshots"),
+            ),
+            (
+                r#"{"account_id":"1","account_id":"2","visitors":[{"visitor_id":"a","snapshots":[{}]}]}"#,
+                None,
+            ),
+        ];
+        for (body, path) in cases {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err.path.as_deref(), path, "{body}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_numbers_survive() {
+        let body = r#"{"account_id":"1","region":"EU","visitors":[{"visitor_id":"a","session_id":"s","snapshots":[{}],"n":4200,"f":3.5}]}"#;
+        let batch = parse(body).unwrap();
+        assert_eq!(
+            &batch.visitors()[0][..],
+            br#"{"visitor_id":"a","session_id":"s","snapshots":[{}],"n":4200,"f":3.5}"#
+        );
+        assert!(
+            std::str::from_utf8(batch.header())
+                .unwrap()
+                .contains(r#""region":"EU""#)
+        );
+    }
+
+    #[test]
+    fn auth_is_checked_when_configured() {
+        let tokens = vec!["s3cret".to_owned(), "other".to_owned()];
+        let mut h = HeaderMap::new();
+        assert!(authenticate(&tokens, &h).is_err());
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer nope"),
+        );
+        assert!(authenticate(&tokens, &h).is_err());
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer other"),
+        );
+        assert!(authenticate(&tokens, &h).is_ok());
+        assert!(authenticate(&[], &HeaderMap::new()).is_ok());
+    }
+
+    #[test]
+    fn gzip_bomb_is_refused() {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&vec![b' '; 1 << 20]).unwrap();
+        let gz = enc.finish().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let err = decode_body(&h, Bytes::from(gz), 4096).unwrap_err();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

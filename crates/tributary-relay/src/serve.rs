@@ -1,0 +1,255 @@
+//! `tributary serve`: ingest, spool and forward in one process.
+//!
+//! Start-up opens the spool (so a bad path fails before the port is bound), binds the
+//! listener, starts the forwarder and serves. SIGTERM or SIGINT begins shutdown: stop
+//! accepting, let in-flight requests finish (each either committed and answered 2xx, or not
+//! answered), forward for up to `shutdown_grace`, exit 0. Whatever is left stays spooled.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use tokio::sync::{Notify, watch};
+use tributary_spool::Spool;
+
+use crate::config::{RelayConfig, RelaySettings};
+use crate::forwarder::{Forwarder, ForwarderConfig};
+use crate::ingest::{self, IngestState};
+use crate::spool_addr;
+use crate::upstream::Upstreams;
+
+/// `tributary serve` flags.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings (kebab-case keys as the flags); flags and
+    /// environment variables win over it.
+    #[arg(long, env = "TRIBUTARY_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Accept and spool only; do not forward (an ingest node in front of a shared spool).
+    #[arg(long, env = "TRIBUTARY_NO_FORWARD")]
+    pub no_forward: bool,
+
+    #[command(flatten)]
+    pub settings: RelaySettings,
+}
+
+impl ServeArgs {
+    /// Flags over file over defaults.
+    pub fn resolve(self) -> anyhow::Result<(RelayConfig, bool)> {
+        let file = match &self.config {
+            Some(path) => RelaySettings::from_file(path)?,
+            None => RelaySettings::default(),
+        };
+        Ok((self.settings.resolve(file)?, self.no_forward))
+    }
+}
+
+/// Runs the relay until a signal.
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (config, no_forward) = args.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tributary-relay")
+        .build()?;
+    runtime.block_on(serve(config, no_forward))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+struct OpsState {
+    spool: Arc<dyn Spool>,
+    ready: AtomicBool,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
+    let metrics = crate::telemetry::install_metrics()?;
+    let spool = spool_addr::open(&config.spool, &config, spool_addr::OpenMode::Create).await?;
+    let upstreams = Arc::new(Upstreams::new(&config)?);
+    let wake = Arc::new(Notify::new());
+    let appended = Arc::new(AtomicUsize::new(0));
+
+    let ingest_state = Arc::new(IngestState {
+        spool: spool.clone(),
+        max_body_bytes: config.max_body_bytes,
+        max_batch_bytes: config.max_batch_bytes,
+        auth_tokens: config.auth_tokens.clone(),
+        forwarder_wake: wake.clone(),
+        appended_bytes: appended.clone(),
+    });
+    let ops = Arc::new(OpsState {
+        spool: spool.clone(),
+        ready: AtomicBool::new(true),
+        metrics,
+    });
+
+    let app = Router::new()
+        .route("/v1/events", post(ingest::post_us))
+        .route("/eu/v1/events", post(ingest::post_eu))
+        .with_state(ingest_state)
+        .merge(
+            Router::new()
+                .route("/healthz", get(healthz))
+                .route("/readyz", get(readyz))
+                .route("/metrics", get(metrics_page))
+                .with_state(ops.clone()),
+        );
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        listen = %local,
+        spool = %config.spool,
+        upstream = %config.upstream,
+        eu_upstream = %config.eu_upstream,
+        forwarding = !no_forward,
+        "tributary relay ready"
+    );
+
+    let forwarder = Arc::new(Forwarder::new(
+        spool.clone(),
+        upstreams,
+        forwarder_config(&config),
+        wake,
+        appended,
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let forward_task = if no_forward {
+        None
+    } else {
+        let f = forwarder.clone();
+        Some(tokio::spawn(async move { f.run(stop_rx).await }))
+    };
+    let maintenance = tokio::spawn(maintain(spool.clone(), stop_tx.subscribe()));
+    let gauges = tokio::spawn(crate::telemetry::spool_gauges(
+        spool.clone(),
+        stop_tx.subscribe(),
+    ));
+
+    let ops_for_signal = ops.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            ops_for_signal.ready.store(false, Ordering::Relaxed);
+            tracing::info!("shutting down: no new requests; finishing in-flight ones");
+        })
+        .await?;
+
+    let _ = stop_tx.send(true);
+    if let Some(task) = forward_task {
+        let _ = task.await;
+    }
+    let _ = maintenance.await;
+    let _ = gauges.await;
+    if !no_forward {
+        let deadline = Instant::now() + config.shutdown_grace;
+        let bound = config.shutdown_grace + Duration::from_secs(2);
+        match tokio::time::timeout(bound, forwarder.drain(deadline)).await {
+            Ok(Ok(s)) => tracing::info!(
+                events = s.events_delivered,
+                payloads = s.payloads_delivered,
+                "forwarded during shutdown"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "spool error during shutdown drain"),
+            Err(_) => tracing::warn!("shutdown grace over; the rest stays spooled"),
+        }
+    }
+    match spool.stats().await {
+        Ok(s) => tracing::info!(
+            pending = s.pending,
+            "relay stopped; payloads left in the spool"
+        ),
+        Err(e) => tracing::warn!(error = %e, "relay stopped; spool stats unavailable"),
+    }
+    Ok(())
+}
+
+/// Derives forwarder limits from the relay's settings.
+pub fn forwarder_config(config: &RelayConfig) -> ForwarderConfig {
+    ForwarderConfig {
+        max_batch_bytes: config.max_batch_bytes,
+        max_batch_events: config.max_batch_events,
+        concurrency: config.concurrency,
+        flush_interval: config.flush_interval,
+        max_retry_delay: config.max_retry_delay,
+        lease_for: config.lease_timeout,
+    }
+}
+
+/// Retention upkeep once a minute.
+async fn maintain(spool: Arc<dyn Spool>, mut stop: watch::Receiver<bool>) {
+    loop {
+        match spool.maintain().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                payloads = n,
+                "payloads past retention moved to dead letters"
+            ),
+            Err(e) => tracing::error!(error = %e, "spool maintenance failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(ops): State<Arc<OpsState>>) -> impl IntoResponse {
+    if !ops.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned());
+    }
+    match ops.spool.stats().await {
+        Ok(_) => (StatusCode::OK, "ready".to_owned()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("spool: {e}")),
+    }
+}
+
+async fn metrics_page(State(ops): State<Arc<OpsState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        ops.metrics.render(),
+    )
+}

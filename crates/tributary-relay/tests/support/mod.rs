@@ -1,0 +1,255 @@
+//! Running the real `tributary` binary in tests: start it on a free port, wait until it is
+//! ready, talk to it, stop it with SIGTERM or SIGKILL. Every process started here is killed
+//! on drop.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the binary under test.
+pub fn tributary_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tributary")
+}
+
+/// The Python interpreter with the official SDK: `TRIBUTARY_PYTHON`, else the repo's
+/// `.venv` (made by `scripts/setup-python.sh`). Panics with instructions when neither
+/// exists: a test that needs the SDK must not pass without it.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("TRIBUTARY_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with optimizely-sdk: run scripts/setup-python.sh or set TRIBUTARY_PYTHON"
+    );
+    venv
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shared fixtures directory.
+pub fn shared_fixtures() -> PathBuf {
+    repo_root().join("../shared/fixtures/python-sdk-5.7.0")
+}
+
+/// A running `tributary serve` (or `drain`) process.
+pub struct RelayProcess {
+    child: Option<Child>,
+    /// Address it listens on (for `serve`).
+    pub addr: Option<SocketAddr>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl RelayProcess {
+    /// Starts `tributary serve --listen 127.0.0.1:0` with `args` and waits until it listens.
+    pub fn serve<S: AsRef<str>>(args: &[S]) -> RelayProcess {
+        let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+        all.extend(args.iter().map(AsRef::as_ref));
+        let mut p = Self::spawn(&all);
+        let addr = p.wait_for_log("tributary relay ready", Duration::from_secs(30));
+        let addr = addr
+            .split("listen=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no listen= in {addr:?}"));
+        p.addr = Some(addr.parse().unwrap());
+        p
+    }
+
+    /// Starts the binary with `args`, capturing its log.
+    pub fn spawn(args: &[&str]) -> RelayProcess {
+        let mut child = Command::new(tributary_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        RelayProcess {
+            child: Some(child),
+            addr: None,
+            log,
+        }
+    }
+
+    /// Waits until a log line contains `needle`; returns the line. Panics with the log on
+    /// timeout or if the process exits first.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "relay exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// `http://ADDR` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr.unwrap(), path)
+    }
+
+    /// Sends SIGTERM and waits for the exit, up to `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for the process to exit by itself, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let (tx, rx) = mpsc::channel();
+        let mut child = self.child.take().unwrap();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait().map(|s| (s, child)));
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(Ok((status, _))) => status,
+            Ok(Err(e)) => panic!("wait failed: {e}"),
+            Err(_) => panic!(
+                "process did not exit within {timeout:?}:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the binary to completion with `args`; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(tributary_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Posts `body` to `url` with `headers`; returns the status and the response body.
+pub fn post(url: &str, body: impl Into<Vec<u8>>, headers: &[(&str, &str)]) -> (u16, String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = body.into();
+    runtime.block_on(async {
+        let mut req = reqwest::Client::new().post(url).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        match req.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap_or_default())
+            }
+            Err(e) => (0, e.to_string()),
+        }
+    })
+}
+
+/// Posts a JSON payload the way SDKs do.
+pub fn post_json(url: &str, body: &str) -> (u16, String) {
+    post(url, body, &[("content-type", "application/json")])
+}
+
+/// An Event API payload of revision `revision` with one conversion visitor per uuid. The
+/// visitor id is `visitor-<uuid>`, so a uuid can be made to carry a marker.
+pub fn payload(revision: &str, uuids: &[String]) -> String {
+    let visitors: Vec<serde_json::Value> = uuids
+        .iter()
+        .map(|u| {
+            serde_json::json!({
+                "snapshots": [{"events": [{"entity_id": "21549340108", "uuid": u,
+                    "key": "purchase", "timestamp": 1_795_443_245_068u64, "revenue": 4200,
+                    "value": 3.5, "tags": {"category": "shoes"}}]}],
+                "attributes": [{"entity_id": "21554750045", "key": "country",
+                    "type": "custom", "value": "DE"}],
+                "visitor_id": format!("visitor-{u}"),
+                "session_id": "kept-as-is"
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "account_id": "12133785640", "project_id": "21537940595", "revision": revision,
+        "client_name": "java-sdk", "client_version": "4.2.0", "anonymize_ip": true,
+        "enrich_decisions": true, "visitors": visitors
+    })
+    .to_string()
+}
+
+/// `n` fresh uuids with a recognisable prefix.
+pub fn uuids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:06}")).collect()
+}
