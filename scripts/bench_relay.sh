@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Measures the relay on this machine and, in the same run, its peer: a bare axum handler
+# answering 204 (`tributary bench sink`). Prints JSON lines; BENCHMARKS.md records them.
+#
+#   scripts/bench_relay.sh [SECONDS]        (default 10 s per load run)
+#
+# Everything binds to 127.0.0.1; every process started here is stopped on exit.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+secs="${1:-10}"
+cargo build --release -q -p tributary-relay
+bin="$root/target/release/tributary"
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+sink_port=$(free_port)
+"$bin" bench sink --listen "127.0.0.1:$sink_port" 2>/dev/null & pids+=($!); sink_pid=$!
+wait_port "$sink_port"
+
+echo "# peer: bare axum handler answering 204"
+for n in 1 10; do
+  echo "{\"target\":\"axum-204\",\"events_per_payload\":$n,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$sink_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)}"
+done
+
+relay_port=$(free_port)
+RUST_LOG=warn "$bin" serve --listen "127.0.0.1:$relay_port" --spool "$work/spool" \
+  --upstream "http://127.0.0.1:$sink_port/v1/events" --flush-interval 200ms & pids+=($!); relay_pid=$!
+wait_port "$relay_port"
+echo "# relay: durable ingest (SQLite spool, sync=full) while forwarding to the sink"
+for n in 1 10; do
+  echo "{\"target\":\"relay\",\"events_per_payload\":$n,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$relay_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)}"
+done
+echo "# relay: latency at a fixed 5000 req/s, 1 event per payload"
+echo "{\"target\":\"relay\",\"rate\":5000,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$relay_port/v1/events" --events-per-payload 1 --connections 32 --rate 5000 --duration "${secs}s" --json)}"
+echo "{\"relay_peak_rss_mb\":$(rss_mb "$relay_pid")}"
+kill "$relay_pid"; wait "$relay_pid" 2>/dev/null || true
+
+echo "# forwarding: a spool filled with 10-event payloads, drained to the sink"
+fill_port=$(free_port)
+RUST_LOG=warn "$bin" serve --listen "127.0.0.1:$fill_port" --spool "$work/fill" --no-forward --spool-sync normal & pids+=($!); fill_pid=$!
+wait_port "$fill_port"
+"$bin" bench relay --url "http://127.0.0.1:$fill_port/v1/events" --events-per-payload 10 --connections 32 --duration "${secs}s" --json > "$work/fill.json"
+kill "$fill_pid"; wait "$fill_pid" 2>/dev/null || true
+events=$("$bin" spool stats --spool "$work/fill" | python3 -c 'import json,sys; print(json.load(sys.stdin)["pending_events"])')
+start=$(date +%s.%N)
+/usr/bin/time -f '%M' -o "$work/drain.rss" "$bin" drain --once --spool "$work/fill" --upstream "http://127.0.0.1:$sink_port/v1/events" > "$work/drain.json"
+end=$(date +%s.%N)
+python3 - "$events" "$start" "$end" "$work/drain.json" "$work/drain.rss" <<'PY'
+import json, sys
+events, start, end = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+summary = json.load(open(sys.argv[4]))["summary"]
+rss = int(open(sys.argv[5]).read().strip().splitlines()[-1]) / 1024
+print(json.dumps({"target": "drain", "events": events, "seconds": round(end - start, 3),
+                  "events_per_sec": round(events / (end - start)), "requests": summary["requests"],
+                  "delivered": summary["events_delivered"], "peak_rss_mb": round(rss, 1)}))
+PY
