@@ -242,6 +242,8 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         let app = axum::Router::new()
             .route("/v1/events", post(sink))
             .route("/eu/v1/events", post(sink))
+            // axum's default 2 MB limit is below the Event API's 3.5 MB.
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         eprintln!("sink listening on {}", listener.local_addr()?);

@@ -550,9 +550,10 @@ struct Pending {
 ///
 /// The whole range is sent first. A [`DispatchError::Permanent`] whose status
 /// [`is_content_rejection`] (400, 413, 422) splits the range in halves, each sent in turn,
-/// until refused items are alone; they are reported rejected, the rest delivered. When a
-/// left half is delivered, its right sibling must hold the bad items and is split without
-/// being sent. Any other error (transient after retries, 401, 403, 404, ...) stops the
+/// until refused items are alone; they are reported rejected, the rest delivered. An item
+/// is reported rejected only after it was refused when sent alone. After a 400 or 422, when
+/// a left half is delivered its right sibling must hold the bad items and is split without
+/// being sent; after a 413 (too large, which both halves may not be) it is sent. Any other error (transient after retries, 401, 403, 404, ...) stops the
 /// bisection at once and reports the range and everything not yet sent as undelivered,
 /// so a down destination costs one failed delivery, not one per half.
 ///
@@ -595,7 +596,14 @@ where
         left_half: false,
     }];
     while let Some(task) = stack.pop() {
-        let (status, message) = if task.known_bad {
+        // Skipping the send of a half whose sibling passed is sound only when the refusal
+        // blames an item (400, 422): a 413 says "too big", and both halves may fit. And an
+        // item is never judged without being sent alone.
+        let inferable = task
+            .group_error
+            .as_ref()
+            .is_some_and(|(status, _)| *status != 413);
+        let (status, message) = if task.known_bad && inferable && task.range.len() > 1 {
             task.group_error.clone().unwrap_or_default()
         } else {
             if out.requests >= max_requests {
@@ -1046,6 +1054,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_size_refusal_is_split_until_the_parts_fit_and_rejects_nothing() {
+        // The destination takes at most 3 items a request, whichever they are.
+        let fut = bisect(16, 64, |r: Range<usize>| async move {
+            if r.len() > 3 {
+                Err(DispatchError::Permanent {
+                    status: 413,
+                    message: "too large".into(),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        let out = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(fut);
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        assert_eq!(out.delivered_count(), 16);
     }
 
     #[test]
