@@ -10,8 +10,8 @@ then discards the body. Same workload and same measurements as the Rust command:
 - process() latency: `time.perf_counter_ns()` around every call, percentiles over all
   calls (timer overhead included and printed);
 - events/s: events divided by the time from the producers' release to `stop()` returning,
-  i.e. until every event was batched, turned into a payload and dispatched. The script fails
-  if the dispatcher did not see every event.
+  i.e. until every event was batched, turned into a payload and dispatched. Events the SDK
+  loses at stop() are reported (`lost`) and warned about.
 
 A producer that finds the queue full waits (outside the timed call) rather than losing the
 event, as the Rust command does: the SDK's `process()` would drop it with a warning.
@@ -177,6 +177,7 @@ def main():
         "threads": args.threads,
         "queue_capacity": args.queue_capacity,
         "dispatched": dispatcher.visitors,
+        "lost": args.events - dispatcher.visitors,
         "batches": dispatcher.requests,
         "body_bytes": dispatcher.bytes,
         "latency_ns": latency,
@@ -206,11 +207,13 @@ def main():
         )
         print(f"requests {dispatcher.requests}, body bytes {dispatcher.bytes}")
     if dispatcher.visitors != args.events:
+        # The SDK drops what is queued behind its shutdown signal (see prior-art.md 1.1):
+        # a finding to report, not a failure of the benchmark.
         print(
-            f"error: {args.events} events processed, {dispatcher.visitors} dispatched",
+            f"warning: {args.events} events processed, {dispatcher.visitors} dispatched "
+            f"({args.events - dispatcher.visitors} lost by the SDK at stop())",
             file=sys.stderr,
         )
-        sys.exit(1)
 
 
 if __name__ == "__main__":

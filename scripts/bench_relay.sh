@@ -42,12 +42,16 @@ echo "{\"target\":\"relay\",\"rate\":5000,\"result\":$("$bin" bench relay --url 
 echo "{\"relay_peak_rss_mb\":$(rss_mb "$relay_pid")}"
 kill "$relay_pid"; wait "$relay_pid" 2>/dev/null || true
 
-echo "# forwarding: a spool filled with 10-event payloads, drained to the sink"
-fill_port=$(free_port)
-RUST_LOG=warn "$bin" serve --listen "127.0.0.1:$fill_port" --spool "$work/fill" --no-forward --spool-sync normal & pids+=($!); fill_pid=$!
-wait_port "$fill_port"
-"$bin" bench relay --url "http://127.0.0.1:$fill_port/v1/events" --events-per-payload 10 --connections 32 --duration "${secs}s" --json > "$work/fill.json"
-kill "$fill_pid"; wait "$fill_pid" 2>/dev/null || true
+echo "# relay: durable ingest only (--no-forward, sync=full); the 10-event run fills the spool drained below"
+for n in 1 10; do
+  fill_port=$(free_port)
+  RUST_LOG=warn "$bin" serve --listen "127.0.0.1:$fill_port" --spool "$work/fill$n" --no-forward & pids+=($!); fill_pid=$!
+  wait_port "$fill_port"
+  echo "{\"target\":\"relay --no-forward\",\"events_per_payload\":$n,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$fill_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)}"
+  kill "$fill_pid"; wait "$fill_pid" 2>/dev/null || true
+done
+mv "$work/fill10" "$work/fill"
+echo "# forwarding: the spool filled with 10-event payloads, drained to the sink"
 events=$("$bin" spool stats --spool "$work/fill" | python3 -c 'import json,sys; print(json.load(sys.stdin)["pending_events"])')
 start=$(date +%s.%N)
 /usr/bin/time -f '%M' -o "$work/drain.rss" "$bin" drain --once --spool "$work/fill" --upstream "http://127.0.0.1:$sink_port/v1/events" > "$work/drain.json"
