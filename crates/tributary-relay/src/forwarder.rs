@@ -491,4 +491,120 @@ mod tests {
         assert_eq!(retry_delay(30, None, cap), cap);
         assert!(retry_delay(0, Some(Duration::from_secs(20)), cap) >= Duration::from_secs(20));
     }
+
+    mod props {
+        #![allow(clippy::unwrap_used)]
+        use super::super::*;
+        use proptest::prelude::*;
+        use tributary::RawBatch;
+        use tributary_spool::Payload;
+
+        /// A visitor object with awkward but valid JSON: escapes, non-ASCII, number spellings.
+        fn arb_visitor() -> impl Strategy<Value = String> {
+            (
+                "[a-zA-Z0-9 é\\\"\u{1F600}]{0,40}",
+                prop_oneof![
+                    Just("4200"),
+                    Just("3.50"),
+                    Just("1e3"),
+                    Just("-0"),
+                    Just("null")
+                ],
+                0usize..300,
+            )
+                .prop_map(|(id, n, pad)| {
+                    let id = serde_json::to_string(&id).unwrap();
+                    format!(
+                        r#"{{ "visitor_id" : {id}, "snapshots":[{{}}], "n": {n}, "pad": "{}" }}"#,
+                        "x".repeat(pad)
+                    )
+                })
+        }
+
+        fn arb_payload() -> impl Strategy<Value = (u8, u8, Vec<String>)> {
+            (
+                0u8..2,
+                0u8..3,
+                proptest::collection::vec(arb_visitor(), 1..6),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Merging then splitting: every visitor of every payload comes out exactly once,
+            /// byte for byte, in a batch of its own route and header, none over the limits.
+            #[test]
+            fn packing_preserves_every_visitor(
+                payloads in proptest::collection::vec(arb_payload(), 1..40),
+                max_batch_bytes in 1500usize..6000,
+                max_batch_events in 1usize..20,
+            ) {
+                let mut leased = Vec::new();
+                let mut want = Vec::new();
+                for (i, (route, rev, visitors)) in payloads.iter().enumerate() {
+                    let route = ["us", "eu"][*route as usize];
+                    let body = format!(
+                        r#"{{"account_id":"1","revision":"{rev}","visitors":[{}]}}"#,
+                        visitors.join(",")
+                    );
+                    let batch = RawBatch::parse(Bytes::from(body)).unwrap();
+                    for v in batch.visitors() {
+                        want.push((route.to_owned(), batch.header().clone(), v.clone()));
+                    }
+                    leased.push(Leased {
+                        receipt: Receipt(i.to_string()),
+                        payload: Payload::from_batch(route, &batch),
+                        attempts: 0,
+                        appended_at_ms: 0,
+                    });
+                }
+                let config = ForwarderConfig {
+                    max_batch_bytes,
+                    max_batch_events,
+                    concurrency: 1,
+                    flush_interval: Duration::from_secs(1),
+                    max_retry_delay: Duration::from_secs(1),
+                    lease_for: Duration::from_secs(60),
+                };
+                let mut got = Vec::new();
+                for batch in pack(leased, &config) {
+                    let body = batch.body(&batch.items);
+                    let events = batch.events();
+                    // A batch may exceed the limits only when it holds a single payload.
+                    if batch.items.len() > 1 {
+                        prop_assert!(body.len() <= max_batch_bytes, "{} bytes", body.len());
+                        prop_assert!(events <= max_batch_events);
+                    }
+                    let parsed = RawBatch::parse(body).unwrap();
+                    prop_assert_eq!(parsed.header(), &batch.header);
+                    for v in parsed.visitors() {
+                        got.push((batch.route.clone(), batch.header.clone(), v.clone()));
+                    }
+                }
+                want.sort();
+                got.sort();
+                prop_assert_eq!(got, want);
+            }
+
+            /// The ingest parser never panics, whatever the bytes.
+            #[test]
+            fn ingest_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = crate::ingest::parse_payload(Bytes::from(body));
+            }
+
+            /// Nor on JSON-looking input, where the interesting paths are.
+            #[test]
+            fn ingest_parser_never_panics_on_json_like_input(
+                body in r#"[{}\[\]",:0-9a-z_ ]{0,200}"#,
+                prefix in prop_oneof![
+                    Just(""),
+                    Just(r#"{"account_id":"1","visitors":"#),
+                    Just(r#"{"account_id":"1","visitors":[{"visitor_id":"#),
+                ],
+            ) {
+                let _ = crate::ingest::parse_payload(Bytes::from(format!("{prefix}{body}")));
+            }
+        }
+    }
 }

@@ -168,7 +168,17 @@ fn bad_requests_get_clear_errors_and_store_nothing() {
     let spool = dir.path().join("spool");
     let spool_s = spool.to_str().unwrap();
     let mut args = fast(&upstream.url(), spool_s);
-    args.extend(["--max-body-bytes", "4096", "--auth-tokens", "t0k3n"].map(String::from));
+    args.extend(
+        [
+            "--max-body-bytes",
+            "4096",
+            "--max-batch-bytes",
+            "1024",
+            "--auth-tokens",
+            "t0k3n",
+        ]
+        .map(String::from),
+    );
     let relay = RelayProcess::serve(&args);
     let url = relay.url("/v1/events");
     let good = payload("131", &uuids("ok", 1));
@@ -198,6 +208,12 @@ fn bad_requests_get_clear_errors_and_store_nothing() {
     assert!(body.contains("invalid JSON"), "{body}");
     let (status, _) = post(&url, payload("131", &uuids("big", 60)), &[auth, json]);
     assert_eq!(status, 413, "over --max-body-bytes");
+    // One visitor alone over --max-batch-bytes can never be forwarded: refused, not split.
+    let huge = payload("131", &["u".repeat(1200)]);
+    let (status, body) = post(&url, huge, &[auth, json]);
+    assert_eq!(status, 413, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["path"], "$.visitors[0]", "{body}");
 
     let (status, _) = post(&url, good, &[auth, json]);
     assert_eq!(status, 204);
