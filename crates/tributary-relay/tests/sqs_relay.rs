@@ -9,13 +9,10 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{payload, post_json, uuids, wait_until};
+use support::{RelayProcess, payload, post_json, uuids, wait_until};
 use tributary_testkit::{
     MotoServer, RecordedRequest, RecordingUpstream, Reply, Script, delivered_uuids,
 };
@@ -68,138 +65,21 @@ fn with(mut args: Vec<String>, more: &[&str]) -> Vec<String> {
 }
 
 /// A `tributary` process talking to moto. Killed on drop.
-struct Node {
-    child: Option<Child>,
-    addr: Option<SocketAddr>,
-    log: Arc<Mutex<Vec<String>>>,
+type Node = RelayProcess;
+
+/// `tributary serve --listen 127.0.0.1:0 ARGS` against moto, once it listens.
+fn serve(args: &[String]) -> Node {
+    RelayProcess::serve_with_env(args, &MotoServer::shared().aws_env())
 }
 
-impl Node {
-    fn spawn(args: &[String]) -> Node {
-        let mut child = Command::new(support::tributary_bin())
-            .args(args)
-            .envs(MotoServer::shared().aws_env())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Node {
-            child: Some(child),
-            addr: None,
-            log,
-        }
-    }
-
-    /// `tributary serve --listen 127.0.0.1:0 ARGS`, once it listens.
-    fn serve(args: &[String]) -> Node {
-        let mut all = vec!["serve".to_owned(), "--listen".into(), "127.0.0.1:0".into()];
-        all.extend_from_slice(args);
-        let mut node = Node::spawn(&all);
-        let line = node.wait_for_log("tributary relay ready", WAIT);
-        let addr = line
-            .split("listen=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap();
-        node.addr = Some(addr.parse().unwrap());
-        node
-    }
-
-    /// `tributary drain ARGS` (long-running), once its spool is open.
-    fn drain(args: &[String]) -> Node {
-        let mut all = vec!["drain".to_owned()];
-        all.extend_from_slice(args);
-        let mut node = Node::spawn(&all);
-        node.wait_for_log("tributary drain running", WAIT);
-        node
-    }
-
-    fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "exited ({status}) before logging {needle:?}:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr.unwrap(), path)
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL: no goodbye, no release of leases.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// `tributary drain ARGS` (long-running) against moto, once its spool is open.
+fn drain(args: &[String]) -> Node {
+    RelayProcess::drain_with_env(args, &MotoServer::shared().aws_env())
 }
 
 /// Runs the binary to completion against moto: (exit code, stdout, stderr).
 fn run_cli(args: &[String]) -> (i32, String, String) {
-    let out = Command::new(support::tributary_bin())
-        .args(args)
-        .envs(MotoServer::shared().aws_env())
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    support::run_cli_with_env(args, &MotoServer::shared().aws_env())
 }
 
 fn post_payloads(node: &Node, revision: &str, ids: &[String], per_payload: usize) {
@@ -262,7 +142,7 @@ fn has_all(upstream: &RecordingUpstream, sent: &[String]) -> bool {
 fn an_ingest_node_and_drain_once_deliver_everything_and_report() {
     let spool = queues("e2e-once");
     let upstream = RecordingUpstream::start();
-    let ingest = Node::serve(&with(fast(&upstream.url(), &spool), &["--no-forward"]));
+    let ingest = serve(&with(fast(&upstream.url(), &spool), &["--no-forward"]));
     let sent = uuids("once", 100);
     post_payloads(&ingest, "1", &sent, 5);
     assert_eq!(
@@ -308,17 +188,17 @@ fn an_ingest_node_and_drain_once_deliver_everything_and_report() {
 fn two_drain_nodes_share_one_queue() {
     let spool = queues("e2e-two-drains");
     let upstream = RecordingUpstream::start();
-    let ingest = Node::serve(&with(fast(&upstream.url(), &spool), &["--no-forward"]));
-    let mut a = Node::drain(&fast(&upstream.url(), &spool));
-    let mut b = Node::drain(&fast(&upstream.url(), &spool));
+    let ingest = serve(&with(fast(&upstream.url(), &spool), &["--no-forward"]));
+    let mut a = drain(&fast(&upstream.url(), &spool));
+    let mut b = drain(&fast(&upstream.url(), &spool));
     let sent = uuids("two", 400);
     post_payloads(&ingest, "1", &sent, 4);
     assert!(has_all(&upstream, &sent), "not everything delivered");
     let duplicates = assert_all_delivered(&sent, &upstream.requests());
     // At-least-once: moto can hand one message to two concurrent receivers; rare only.
     assert!(duplicates <= 8, "{duplicates} duplicate deliveries");
-    assert!(a.terminate().success());
-    assert!(b.terminate().success());
+    assert!(a.terminate(WAIT).success());
+    assert!(b.terminate(WAIT).success());
 }
 
 #[test]
@@ -326,12 +206,12 @@ fn a_drain_node_killed_mid_batch_leaves_its_messages_to_another() {
     let spool = queues("e2e-killed");
     let hanging = RecordingUpstream::start_with(Script::new().default_reply(Reply::hang()));
     let healthy = RecordingUpstream::start();
-    let ingest = Node::serve(&with(fast(&healthy.url(), &spool), &["--no-forward"]));
+    let ingest = serve(&with(fast(&healthy.url(), &spool), &["--no-forward"]));
     let sent = uuids("killed", 50);
     post_payloads(&ingest, "1", &sent, 5);
 
     // The first node's request hangs (its timeout is long); its lease is 3 s.
-    let mut first = Node::drain(&with(
+    let mut first = drain(&with(
         fast_with_timeout(&hanging.url(), &spool, "60s"),
         &["--lease-timeout", "3s"],
     ));
@@ -343,7 +223,7 @@ fn a_drain_node_killed_mid_batch_leaves_its_messages_to_another() {
     let killed_at = Instant::now();
     first.kill9();
 
-    let _second = Node::drain(&with(
+    let _second = drain(&with(
         fast(&healthy.url(), &spool),
         &["--lease-timeout", "3s"],
     ));
@@ -362,7 +242,7 @@ fn a_drain_node_killed_mid_batch_leaves_its_messages_to_another() {
 fn an_upstream_outage_is_ridden_out() {
     let spool = queues("e2e-outage");
     let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(503)));
-    let relay = Node::serve(&fast(&upstream.url(), &spool));
+    let relay = serve(&fast(&upstream.url(), &spool));
     let sent = uuids("outage", 40);
     post_payloads(&relay, "1", &sent, 4);
     assert!(upstream.wait_for(|r| r.len() >= 3, WAIT), "no retries seen");
@@ -379,7 +259,7 @@ fn a_poison_payload_ends_in_the_dead_letter_queue_and_the_rest_is_delivered() {
     let upstream = RecordingUpstream::start_with(
         Script::new().reject_containing("poison-marker", Reply::status(400)),
     );
-    let relay = Node::serve(&fast(&upstream.url(), &spool));
+    let relay = serve(&fast(&upstream.url(), &spool));
     let good = uuids("good", 30);
     post_payloads(&relay, "1", &good, 3);
     let (status, _) = post_json(
@@ -431,8 +311,8 @@ fn python_sdk_through_two_ingest_and_two_drain_nodes() {
     let upstream = RecordingUpstream::start();
     let flags = fast(&upstream.url(), &spool);
     let ingest = [
-        Node::serve(&with(flags.clone(), &["--no-forward"])),
-        Node::serve(&with(flags.clone(), &["--no-forward"])),
+        serve(&with(flags.clone(), &["--no-forward"])),
+        serve(&with(flags.clone(), &["--no-forward"])),
     ];
     // The official SDK, one client per ingest node, at the same time.
     let datafile = support::shared_fixtures().join("datafile.json");
@@ -486,7 +366,7 @@ fn python_sdk_through_two_ingest_and_two_drain_nodes() {
 
     // The queue now holds many small payloads; two drain nodes at once empty it, like the
     // bulk dispatcher's scheduled consumer (but without its 50-message cap).
-    let _drains = [Node::drain(&flags), Node::drain(&flags)];
+    let _drains = [drain(&flags), drain(&flags)];
     let all: Vec<String> = sdk_uuids
         .iter()
         .chain(&rev_a)
@@ -530,13 +410,13 @@ fn python_sdk_through_two_ingest_and_two_drain_nodes() {
 fn a_visitor_too_large_for_an_sqs_message_is_refused_with_413() {
     let spool = queues("e2e-too-large");
     let upstream = RecordingUpstream::start();
-    let ingest = Node::serve(&with(fast(&upstream.url(), &spool), &["--no-forward"]));
+    let ingest = serve(&with(fast(&upstream.url(), &spool), &["--no-forward"]));
     let big = payload("1", &[format!("big-{}", "x".repeat(300_000))]);
     let (status, body) = post_json(&ingest.url("/v1/events"), &big);
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("sqs-max-message-bytes"), "{body}");
     // With a queue that takes 1 MiB messages (moto's limit), the same payload fits.
-    let roomy = Node::serve(&with(
+    let roomy = serve(&with(
         fast(&upstream.url(), &spool),
         &["--no-forward", "--sqs-max-message-bytes", "1048576"],
     ));

@@ -53,9 +53,14 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts `tributary serve --listen 127.0.0.1:0` with `args` and waits until it listens.
     pub fn serve<S: AsRef<str>>(args: &[S]) -> RelayProcess {
+        Self::serve_with_env(args, &[])
+    }
+
+    /// [`RelayProcess::serve`] with extra environment variables (AWS settings for moto).
+    pub fn serve_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, String)]) -> RelayProcess {
         let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
         all.extend(args.iter().map(AsRef::as_ref));
-        let mut p = Self::spawn(&all);
+        let mut p = Self::spawn_with_env(&all, env);
         let addr = p.wait_for_log("tributary relay ready", Duration::from_secs(30));
         let addr = addr
             .split("listen=")
@@ -66,10 +71,25 @@ impl RelayProcess {
         p
     }
 
+    /// `tributary drain ARGS` (long-running), once its spool is open.
+    pub fn drain_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, String)]) -> RelayProcess {
+        let mut all = vec!["drain"];
+        all.extend(args.iter().map(AsRef::as_ref));
+        let mut p = Self::spawn_with_env(&all, env);
+        p.wait_for_log("tributary drain running", Duration::from_secs(60));
+        p
+    }
+
     /// Starts the binary with `args`, capturing its log.
     pub fn spawn(args: &[&str]) -> RelayProcess {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// [`RelayProcess::spawn`] with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, String)]) -> RelayProcess {
         let mut child = Command::new(tributary_bin())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -171,8 +191,17 @@ impl Drop for RelayProcess {
 
 /// Runs the binary to completion with `args`; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    run_cli_with_env(args, &[])
+}
+
+/// [`run_cli`] with extra environment variables.
+pub fn run_cli_with_env<S: AsRef<str>>(
+    args: &[S],
+    env: &[(&str, String)],
+) -> (i32, String, String) {
     let out = Command::new(tributary_bin())
-        .args(args)
+        .args(args.iter().map(AsRef::as_ref))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("NO_COLOR", "1")
         .output()
         .unwrap();
