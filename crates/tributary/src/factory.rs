@@ -109,8 +109,9 @@ impl EventFactory {
         out
     }
 
-    /// One run of events sharing `ctx`: serialise each visitor once into one buffer, then
-    /// cut that buffer into payloads that fit.
+    /// One run of events sharing `ctx`. Each visitor is serialised once, straight into the
+    /// body it will be sent in; only a visitor that does not fit its body is copied, once,
+    /// into the next.
     fn build_run(
         &self,
         ctx: &Arc<EventContext>,
@@ -119,52 +120,90 @@ impl EventFactory {
         out: &mut FactoryOutput,
     ) {
         let header = header_bytes(ctx);
-        let mut buf = Vec::with_capacity(events.len() * 512);
-        let mut ends = Vec::with_capacity(events.len());
-        for event in events {
+        let url = ctx.region.endpoint();
+        let capacity = (events.len() * 700).min(self.max_batch_bytes) + header.len() + 32;
+        let mut body = BodyWriter::new(&header, capacity);
+        for (i, event) in events.iter().enumerate() {
+            let mark = body.buf.len();
+            if !body.spans.is_empty() {
+                body.buf.push(b',');
+            }
+            let start = body.buf.len();
             // Writing into a Vec cannot fail, and the types serialised have no maps with
             // non-string keys, so an error here would be a bug in this module.
-            if let Err(e) = serde_json::to_writer(&mut buf, &VisitorRef(event)) {
+            if let Err(e) = serde_json::to_writer(&mut body.buf, &VisitorRef(event)) {
                 tracing::error!(error = %e, "serialising a visitor failed; event skipped");
-                ends.push(None);
+                body.buf.truncate(mark);
                 continue;
             }
-            ends.push(Some(buf.len()));
-        }
-        let buf = Bytes::from(buf);
-        let url = ctx.region.endpoint();
-        let mut current: Vec<Bytes> = Vec::new();
-        let mut current_len = 0;
-        let mut prev_end = 0;
-        for (i, end) in ends.into_iter().enumerate() {
-            let Some(end) = end else { continue };
-            let visitor = buf.slice(prev_end..end);
-            prev_end = end;
-            let alone = encoded_len(header.len(), visitor.len(), 1);
+            let len = body.buf.len() - start;
+            let alone = encoded_len(header.len(), len, 1);
             if alone > self.max_batch_bytes {
+                body.buf.truncate(mark);
                 out.oversized.push(OversizedEvent {
                     index: offset + i,
-                    uuid: events[i].uuid.clone(),
+                    uuid: event.uuid.clone(),
                     size: alone,
                     limit: self.max_batch_bytes,
                 });
                 continue;
             }
-            let with = encoded_len(header.len(), current_len + visitor.len(), current.len() + 1);
-            if with > self.max_batch_bytes && !current.is_empty() {
-                let batch = RawBatch::from_parts(header.clone(), std::mem::take(&mut current));
-                out.log_events
-                    .push(LogEvent::new(url, batch).with_context(ctx.clone()));
-                current_len = 0;
+            let with = encoded_len(header.len(), body.visitors_len + len, body.spans.len() + 1);
+            if with > self.max_batch_bytes && !body.spans.is_empty() {
+                let visitor = body.buf[start..].to_vec();
+                body.buf.truncate(mark);
+                let full = std::mem::replace(&mut body, BodyWriter::new(&header, capacity));
+                out.log_events.push(full.finish(url, &header, ctx));
+                let start = body.buf.len();
+                body.buf.extend_from_slice(&visitor);
+                body.push_span(start);
+            } else {
+                body.push_span(start);
             }
-            current_len += visitor.len();
-            current.push(visitor);
         }
-        if !current.is_empty() {
-            let batch = RawBatch::from_parts(header, current);
-            out.log_events
-                .push(LogEvent::new(url, batch).with_context(ctx.clone()));
+        if !body.spans.is_empty() {
+            out.log_events.push(body.finish(url, &header, ctx));
         }
+    }
+}
+
+/// A request body being written: `{HEADER,"visitors":[` then visitors, closed by `finish`.
+struct BodyWriter {
+    buf: Vec<u8>,
+    /// Where each visitor lies in `buf`.
+    spans: Vec<std::ops::Range<usize>>,
+    /// Their total length.
+    visitors_len: usize,
+}
+
+impl BodyWriter {
+    fn new(header: &[u8], capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.push(b'{');
+        buf.extend_from_slice(header);
+        if !header.is_empty() {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(br#""visitors":["#);
+        BodyWriter {
+            buf,
+            spans: Vec::new(),
+            visitors_len: 0,
+        }
+    }
+
+    /// Records the visitor written from `start` to the end of the buffer.
+    fn push_span(&mut self, start: usize) {
+        self.visitors_len += self.buf.len() - start;
+        self.spans.push(start..self.buf.len());
+    }
+
+    fn finish(mut self, url: &str, header: &Bytes, ctx: &Arc<EventContext>) -> LogEvent {
+        self.buf.extend_from_slice(b"]}");
+        let body = Bytes::from(self.buf);
+        let visitors = self.spans.into_iter().map(|r| body.slice(r)).collect();
+        let batch = RawBatch::from_parts(header.clone(), visitors);
+        LogEvent::from_encoded(url, batch, body).with_context(ctx.clone())
     }
 }
 

@@ -49,6 +49,19 @@ impl LogEvent {
         }
     }
 
+    /// A LogEvent whose body the caller already encoded: `body` must equal `batch.encode()`.
+    pub(crate) fn from_encoded(url: &str, batch: RawBatch, body: Bytes) -> Self {
+        debug_assert_eq!(body.len(), batch.encoded_len());
+        LogEvent {
+            url: url.to_owned(),
+            http_verb: "POST",
+            headers: vec![("Content-Type", "application/json")],
+            batch,
+            body,
+            context: None,
+        }
+    }
+
     pub(crate) fn with_context(mut self, context: Arc<EventContext>) -> Self {
         self.context = Some(context);
         self

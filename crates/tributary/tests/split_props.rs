@@ -217,6 +217,7 @@ proptest! {
             let body = le.body();
             prop_assert!(body.len() <= limit, "body {} > limit {}", body.len(), limit);
             prop_assert_eq!(body.len(), le.batch().encoded_len());
+            prop_assert_eq!(body, &le.batch().encode(), "the body is what its parts encode to");
             prop_assert!(le.visitor_count() > 0);
             let params = le.params().unwrap();
             let ctx = le.context().unwrap();
