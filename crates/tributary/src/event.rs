@@ -4,6 +4,7 @@
 //! These are the inputs of the pipeline. They carry what the SDK knows at decision
 //! time; [`crate::EventFactory`] turns many of them into one Event API payload.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -149,9 +150,10 @@ pub struct VisitorAttribute {
     pub entity_id: String,
     /// Attribute key.
     pub key: String,
-    /// Always `"custom"` for what the SDKs send.
+    /// Always `"custom"` for what the SDKs send. Borrowed when static, so building an
+    /// attribute costs no allocation for it.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     /// The attribute's value.
     pub value: AttributeValue,
 }
@@ -166,7 +168,7 @@ impl VisitorAttribute {
         VisitorAttribute {
             entity_id: entity_id.into(),
             key: key.into(),
-            kind: "custom".to_owned(),
+            kind: Cow::Borrowed("custom"),
             value,
         }
     }
