@@ -538,3 +538,59 @@ fn drain_once_reports_failures_with_exit_status_1() {
     assert_eq!(summary["summary"]["payloads_retried"], 1);
     assert_eq!(summary["spool"]["pending"], 1);
 }
+
+#[test]
+fn a_full_spool_answers_503_and_keeps_what_it_acknowledged() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let spool_s = spool.to_str().unwrap();
+    let mut args = fast(&upstream.url(), spool_s);
+    args.extend(["--no-forward", "--spool-max-bytes", "4000"].map(String::from));
+    let mut ingest = RelayProcess::serve(&args);
+    let url = ingest.url("/v1/events");
+
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..50 {
+        let batch = uuids(&format!("full{i}"), 1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let response = runtime.block_on(async {
+            reqwest::Client::new()
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(payload("131", &batch))
+                .send()
+                .await
+                .unwrap()
+        });
+        match response.status().as_u16() {
+            204 => acked.extend(batch),
+            503 => {
+                let retry_after = response.headers().get("retry-after").cloned();
+                refused = Some(retry_after);
+                break;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let retry_after = refused.expect("the spool never filled up");
+    assert!(retry_after.is_some(), "503 without Retry-After");
+    assert!(!acked.is_empty());
+    assert!(ingest.terminate(Duration::from_secs(20)).success());
+
+    let (code, out, err) = run_cli(&[
+        "drain",
+        "--once",
+        "--spool",
+        spool_s,
+        "--upstream",
+        &upstream.url(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let got: HashSet<String> = delivered_uuids(&upstream.requests()).into_iter().collect();
+    assert_eq!(got, acked.iter().cloned().collect::<HashSet<_>>());
+}
