@@ -8,7 +8,7 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use support::{RelayProcess, payload, post, post_json, run_cli, uuids, wait_until};
+use support::{RelayProcess, payload, post, post_full, post_json, run_cli, uuids, wait_until};
 use tributary_testkit::{RecordedRequest, RecordingUpstream, Reply, Script, delivered_uuids};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -554,27 +554,18 @@ fn a_full_spool_answers_503_and_keeps_what_it_acknowledged() {
     let mut refused = None;
     for i in 0..50 {
         let batch = uuids(&format!("full{i}"), 1);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let response = runtime.block_on(async {
-            reqwest::Client::new()
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(payload("131", &batch))
-                .send()
-                .await
-                .unwrap()
-        });
-        match response.status().as_u16() {
+        let (status, headers, body) = post_full(
+            &url,
+            payload("131", &batch),
+            &[("content-type", "application/json")],
+        );
+        match status {
             204 => acked.extend(batch),
             503 => {
-                let retry_after = response.headers().get("retry-after").cloned();
-                refused = Some(retry_after);
+                refused = Some(headers.into_iter().find(|(k, _)| k == "retry-after"));
                 break;
             }
-            other => panic!("unexpected status {other}"),
+            other => panic!("unexpected status {other}: {body}"),
         }
     }
     let retry_after = refused.expect("the spool never filled up");

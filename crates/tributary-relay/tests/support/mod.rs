@@ -228,6 +228,17 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Posts `body` to `url` with `headers`; returns the status and the response body.
 pub fn post(url: &str, body: impl Into<Vec<u8>>, headers: &[(&str, &str)]) -> (u16, String) {
+    let (status, _, text) = post_full(url, body, headers);
+    (status, text)
+}
+
+/// [`post`], also returning the response headers (names lower-case). Status 0 means no
+/// response; the error is then in the body.
+pub fn post_full(
+    url: &str,
+    body: impl Into<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -241,9 +252,14 @@ pub fn post(url: &str, body: impl Into<Vec<u8>>, headers: &[(&str, &str)]) -> (u
         match req.send().await {
             Ok(r) => {
                 let status = r.status().as_u16();
-                (status, r.text().await.unwrap_or_default())
+                let headers = r
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                    .collect();
+                (status, headers, r.text().await.unwrap_or_default())
             }
-            Err(e) => (0, e.to_string()),
+            Err(e) => (0, Vec::new(), e.to_string()),
         }
     })
 }
