@@ -1,5 +1,5 @@
-//! `tributary spool stats|dead-letters ...`: look into a spool and act on its dead letters,
-//! also while a relay is using it.
+//! `tributary spool stats|audit|dead-letters ...`: look into a spool, prove what it holds,
+//! and act on its dead letters, also while a relay is using it.
 
 use std::process::ExitCode;
 
@@ -12,6 +12,10 @@ use crate::config::RelaySettings;
 pub enum SpoolCommand {
     /// Print what the spool holds, as JSON.
     Stats(SpoolArg),
+    /// Check the spool's durable totals (accepted = delivered + dead + purged + pending, for
+    /// events and payloads) against a count of every row; print them as JSON and exit 1 if
+    /// anything does not add up (SQLite spool only).
+    Audit(SpoolArg),
     /// List, retry or purge dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
@@ -101,6 +105,18 @@ async fn run_async(cmd: SpoolCommand) -> anyhow::Result<ExitCode> {
         SpoolCommand::Stats(arg) => {
             let stats = open(&arg).await?.stats().await?;
             println!("{}", serde_json::to_string_pretty(&stats)?);
+        }
+        SpoolCommand::Audit(arg) => {
+            let audit = open(&arg).await?.audit().await?;
+            let mut out = serde_json::to_value(&audit)?;
+            out["balanced"] = audit.is_balanced().into();
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            if !audit.is_balanced() {
+                for p in &audit.problems {
+                    eprintln!("error: {p}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
         }
         SpoolCommand::DeadLetters(DeadLetterCommand::List {
             spool,

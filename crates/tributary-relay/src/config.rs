@@ -98,6 +98,18 @@ pub struct RelaySettings {
     #[arg(long, env = "TRIBUTARY_SPOOL_MAX_BYTES", value_name = "BYTES")]
     pub spool_max_bytes: Option<u64>,
 
+    /// SQLite spool: free space kept on its file system for delivery; ingest answers 503
+    /// once less than this (plus twice the request) is left, so the forwarder can always
+    /// lease, acknowledge and checkpoint, and free the disk [default: 67108864].
+    #[arg(long, env = "TRIBUTARY_SPOOL_RESERVE_BYTES", value_name = "BYTES")]
+    pub spool_reserve_bytes: Option<u64>,
+
+    /// Most upstream requests one forwarding cycle spends isolating the visitors the
+    /// upstream refuses (400, 413, 422) [default: 1000]. What is not isolated when it runs
+    /// out is sent again a second later in smaller batches; it is never dead-lettered.
+    #[arg(long, env = "TRIBUTARY_ISOLATION_BUDGET", value_name = "N")]
+    pub isolation_budget: Option<usize>,
+
     /// How long an undelivered payload is kept before it becomes a dead letter [default: 4days].
     #[arg(long, env = "TRIBUTARY_RETENTION", value_name = "DURATION")]
     pub retention: Option<HumanDuration>,
@@ -180,6 +192,10 @@ pub struct RelayConfig {
     pub max_retry_delay: Duration,
     /// Spool size limit.
     pub spool_max_bytes: u64,
+    /// Free space kept for delivery on the SQLite spool's file system.
+    pub spool_reserve_bytes: u64,
+    /// Isolation requests per forwarding cycle.
+    pub isolation_budget: usize,
     /// Retention before dead-lettering.
     pub retention: Duration,
     /// SQLite sync mode.
@@ -298,6 +314,14 @@ impl RelaySettings {
                 .spool_max_bytes
                 .or(file.spool_max_bytes)
                 .unwrap_or(1 << 30),
+            spool_reserve_bytes: self
+                .spool_reserve_bytes
+                .or(file.spool_reserve_bytes)
+                .unwrap_or(64 << 20),
+            isolation_budget: self
+                .isolation_budget
+                .or(file.isolation_budget)
+                .unwrap_or(1000),
             retention: pick_d(
                 self.retention,
                 file.retention,
@@ -370,6 +394,9 @@ impl RelayConfig {
         }
         if self.max_batch_events == 0 {
             return invalid("max-batch-events", "must be at least 1");
+        }
+        if self.isolation_budget == 0 || self.isolation_budget > 1_000_000 {
+            return invalid("isolation-budget", "must be between 1 and 1000000");
         }
         if self.concurrency == 0 || self.concurrency > 256 {
             return invalid("concurrency", "must be between 1 and 256");

@@ -9,12 +9,26 @@
 //! - 2xx: acknowledged (deleted from the spool);
 //! - transient failure (connection, timeout, 5xx, 408, 429): released, visible again after a
 //!   backoff that grows with the payload's attempts, or after the upstream's `Retry-After`;
-//! - a 4xx that blames the content (400, 413, 422): the batch is split in halves until the
-//!   refused payloads are alone; those become dead letters, the rest are delivered;
+//! - a 4xx that blames the content (400, 413, 422): the batch is taken apart into its
+//!   visitors and isolated (see [`tributary::isolate`]) until each refused part is a single
+//!   visitor sent alone. Only such a visitor becomes a dead letter (with its payload's
+//!   route and header, the status and the upstream's answer); every other visitor is
+//!   delivered, the other visitors of the same client payload included;
 //! - another 4xx (401, 403, 404, ...): a configuration problem, not the payload's: released
 //!   with the longest delay and logged, so nothing is lost while an operator fixes it.
+//!
+//! Isolation draws on a budget of requests per cycle (`--isolation-budget`). What is not
+//! isolated when it runs out goes back to the spool, visible again after a short delay, and
+//! is remembered as suspect ([`Suspects`]): the next cycle packs it in batches no larger
+//! than the group it was in, so the search resumes where it stopped instead of starting
+//! over. Nothing is dead-lettered for want of budget.
+//!
+//! Cost, with `k` refused visitors among the `n` of a batch: one request for the batch,
+//! then at most `2·k·⌈log2 n⌉` for isolation (fewer when refused visitors share halves),
+//! plus one request per unresolved group each time the budget runs out.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,10 +36,11 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
-use tributary::DispatchError;
-use tributary::dispatcher::http::bisect;
+use tributary::isolate::{BisectOutcome, IsolationBudget, isolate};
 use tributary::raw::encoded_len;
-use tributary_spool::{Leased, Receipt, Spool, SpoolError};
+use tributary::retry::is_content_rejection;
+use tributary::{DispatchError, RawBatch};
+use tributary_spool::{Leased, PartialSettlement, Payload, Receipt, Spool, SpoolError};
 
 use crate::upstream::Upstreams;
 
@@ -44,6 +59,10 @@ pub struct ForwarderConfig {
     pub max_retry_delay: Duration,
     /// How long a lease hides payloads from other forwarders; must outlast one send.
     pub lease_for: Duration,
+    /// Most upstream requests one cycle spends isolating refused visitors.
+    pub isolation_budget: usize,
+    /// How long what isolation did not finish waits before the next try.
+    pub suspect_delay: Duration,
 }
 
 impl ForwarderConfig {
@@ -66,8 +85,14 @@ pub struct ForwardSummary {
     pub payloads_delivered: u64,
     /// Payloads released for a later retry.
     pub payloads_retried: u64,
-    /// Payloads moved to the dead letters.
+    /// Dead letters created (one per visitor refused alone, or per payload refused whole).
     pub payloads_dead: u64,
+    /// Events (visitors) moved to the dead letters.
+    pub events_dead: u64,
+    /// Requests spent on isolation (included in `requests`).
+    pub isolation_requests: u64,
+    /// Events whose isolation the budget cut short: released as suspect, not dead.
+    pub events_unresolved: u64,
 }
 
 impl ForwardSummary {
@@ -78,6 +103,9 @@ impl ForwardSummary {
         self.payloads_delivered += o.payloads_delivered;
         self.payloads_retried += o.payloads_retried;
         self.payloads_dead += o.payloads_dead;
+        self.events_dead += o.events_dead;
+        self.isolation_requests += o.isolation_requests;
+        self.events_unresolved += o.events_unresolved;
     }
 }
 
@@ -90,6 +118,7 @@ pub struct Forwarder {
     appended_bytes: Arc<AtomicUsize>,
     /// Receipts leased and not yet settled: released at once when forwarding stops.
     in_flight: Arc<Mutex<HashSet<Receipt>>>,
+    suspects: Arc<Suspects>,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (a set of receipts).
@@ -113,6 +142,7 @@ impl Forwarder {
             wake,
             appended_bytes,
             in_flight: Arc::default(),
+            suspects: Arc::new(Suspects::new(SUSPECTS_CAPACITY)),
         }
     }
 
@@ -232,20 +262,26 @@ impl Forwarder {
             leased.len() >= window_payloads || leased_bytes >= self.config.window_bytes() / 2;
 
         lock(&self.in_flight).extend(leased.iter().map(|l| l.receipt.clone()));
-        let batches = pack(leased, &self.config);
+        let batches = pack(leased, &self.config, &self.suspects);
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let budget = Arc::new(IsolationBudget::new(self.config.isolation_budget));
         let mut tasks = JoinSet::new();
         for batch in batches {
             let permits = permits.clone();
-            let spool = self.spool.clone();
-            let upstreams = self.upstreams.clone();
-            let max_retry_delay = self.config.max_retry_delay;
             let in_flight = self.in_flight.clone();
+            let delivery = Delivery {
+                spool: self.spool.clone(),
+                upstreams: self.upstreams.clone(),
+                suspects: self.suspects.clone(),
+                budget: budget.clone(),
+                max_retry_delay: self.config.max_retry_delay,
+                suspect_delay: self.config.suspect_delay,
+            };
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 let receipts: Vec<Receipt> =
                     batch.items.iter().map(|l| l.receipt.clone()).collect();
-                let result = deliver(&*spool, &upstreams, batch, max_retry_delay).await;
+                let result = delivery.deliver(batch).await;
                 let mut held = lock(&in_flight);
                 for r in &receipts {
                     held.remove(r);
@@ -259,6 +295,9 @@ impl Forwarder {
                 Ok(Err(e)) => return Err(e),
                 Err(e) => tracing::error!(error = %e, "a delivery task failed"),
             }
+        }
+        if budget.left() == 0 && self.config.isolation_budget > 0 {
+            metrics::counter!("tributary_isolation_budget_exhausted_total").increment(1);
         }
         Ok((summary, full))
     }
@@ -307,116 +346,386 @@ impl Batch {
 }
 
 /// Groups by (route, header), keeping the spool's order within each group, and cuts each
-/// group at the byte and event limits.
-fn pack(leased: Vec<Leased>, config: &ForwarderConfig) -> Vec<Batch> {
+/// group at the byte and event limits. Suspect payloads (see [`Suspects`]) go in batches of
+/// their own, cut at the smallest group size any of them was left in.
+fn pack(leased: Vec<Leased>, config: &ForwarderConfig, suspects: &Suspects) -> Vec<Batch> {
     let mut order: Vec<(String, Bytes)> = Vec::new();
-    let mut groups: HashMap<(String, Bytes), Vec<Leased>> = HashMap::new();
+    let mut groups: HashMap<(String, Bytes), Group> = HashMap::new();
     for l in leased {
         let key = (l.payload.route.clone(), l.payload.header.clone());
-        groups
-            .entry(key.clone())
-            .or_insert_with(|| {
-                order.push(key);
-                Vec::new()
-            })
-            .push(l);
+        let hint = suspects.take(&l.payload);
+        let group = groups.entry(key.clone()).or_insert_with(|| {
+            order.push(key);
+            (Vec::new(), Vec::new())
+        });
+        match hint {
+            Some(h) => group.1.push((l, h)),
+            None => group.0.push(l),
+        }
     }
     let mut batches = Vec::new();
     for key in order {
-        let Some(items) = groups.remove(&key) else {
+        let Some((clean, suspect)) = groups.remove(&key) else {
             continue;
         };
         let (route, header) = key;
-        let mut current: Vec<Leased> = Vec::new();
-        let (mut bytes, mut events, mut runs) = (0usize, 0usize, 0usize);
-        for l in items {
-            let v_len = l.payload.visitors.len();
-            let v_events = l.payload.visitor_count as usize;
-            let would_bytes = encoded_len(header.len(), bytes + v_len, runs + 1);
-            let too_big =
-                would_bytes > config.max_batch_bytes || events + v_events > config.max_batch_events;
-            if too_big && !current.is_empty() {
-                batches.push(Batch {
-                    route: route.clone(),
-                    header: header.clone(),
-                    items: std::mem::take(&mut current),
-                });
-                (bytes, events, runs) = (0, 0, 0);
-            }
-            bytes += v_len;
-            events += v_events;
-            runs += 1;
-            current.push(l);
+        let mut cut = Cutter::new(&route, &header, config, &mut batches);
+        for l in clean {
+            cut.push(l, config.max_batch_events);
         }
-        if !current.is_empty() {
-            batches.push(Batch {
-                route,
-                header,
-                items: current,
-            });
+        cut.finish();
+        for (l, hint) in suspect {
+            cut.push(l, hint.clamp(1, config.max_batch_events));
         }
+        cut.finish();
     }
     batches
 }
 
-/// Most upstream requests one refused batch may cost while its culprits are isolated.
-const MAX_BISECT_REQUESTS: usize = 64;
+/// The payloads of one route and header: clean ones, and suspects with their group size.
+type Group = (Vec<Leased>, Vec<(Leased, usize)>);
 
-/// Sends one batch and settles every payload in it with the spool. A refusal that blames
-/// the content splits the batch (see [`bisect`]) so only the refused payloads become dead
-/// letters.
-async fn deliver(
-    spool: &dyn Spool,
-    upstreams: &Upstreams,
-    batch: Batch,
+/// Fills batches of one route and header up to the byte limit and an event limit.
+struct Cutter<'a> {
+    route: &'a str,
+    header: &'a Bytes,
+    max_bytes: usize,
+    out: &'a mut Vec<Batch>,
+    current: Vec<Leased>,
+    bytes: usize,
+    events: usize,
+    limit: usize,
+}
+
+impl<'a> Cutter<'a> {
+    fn new(
+        route: &'a str,
+        header: &'a Bytes,
+        config: &ForwarderConfig,
+        out: &'a mut Vec<Batch>,
+    ) -> Self {
+        Cutter {
+            route,
+            header,
+            max_bytes: config.max_batch_bytes,
+            out,
+            current: Vec::new(),
+            bytes: 0,
+            events: 0,
+            limit: usize::MAX,
+        }
+    }
+
+    /// Adds `l` to the current batch, or starts a new one when `l` would take it past the
+    /// bytes or the event limit (the smallest limit of its members). A payload alone may
+    /// pass the limits: it is never split here.
+    fn push(&mut self, l: Leased, event_limit: usize) {
+        let v_len = l.payload.visitors.len();
+        let v_events = l.payload.visitor_count as usize;
+        let limit = self.limit.min(event_limit);
+        let would_bytes = encoded_len(
+            self.header.len(),
+            self.bytes + v_len,
+            self.current.len() + 1,
+        );
+        if !self.current.is_empty()
+            && (would_bytes > self.max_bytes || self.events + v_events > limit)
+        {
+            self.finish();
+        }
+        self.limit = self.limit.min(event_limit);
+        self.bytes += v_len;
+        self.events += v_events;
+        self.current.push(l);
+    }
+
+    fn finish(&mut self) {
+        if !self.current.is_empty() {
+            self.out.push(Batch {
+                route: self.route.to_owned(),
+                header: self.header.clone(),
+                items: std::mem::take(&mut self.current),
+            });
+        }
+        (self.bytes, self.events, self.limit) = (0, 0, usize::MAX);
+    }
+}
+
+/// Most payloads remembered as suspect; past it the memory starts over (a forgotten
+/// suspect costs a larger first request next time, nothing else).
+const SUSPECTS_CAPACITY: usize = 100_000;
+
+/// Payloads whose isolation the budget cut short, by content, with the size of the group
+/// they were left in: the next cycle sends them in batches no larger than that.
+///
+/// Kept in memory by content, not by spool id, so it works the same over SQLite and SQS;
+/// lost on a restart, which only makes the next first request larger.
+pub struct Suspects {
+    hints: Mutex<HashMap<u64, usize>>,
+    capacity: usize,
+}
+
+impl Suspects {
+    fn new(capacity: usize) -> Self {
+        Suspects {
+            hints: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn key(p: &Payload) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        p.route.hash(&mut h);
+        p.header.hash(&mut h);
+        p.visitors.hash(&mut h);
+        h.finish()
+    }
+
+    fn remember(&self, p: &Payload, group: usize) {
+        let mut hints = lock(&self.hints);
+        if hints.len() >= self.capacity {
+            hints.clear();
+        }
+        let e = hints.entry(Self::key(p)).or_insert(group);
+        *e = (*e).min(group);
+    }
+
+    fn take(&self, p: &Payload) -> Option<usize> {
+        let mut hints = lock(&self.hints);
+        if hints.is_empty() {
+            return None;
+        }
+        hints.remove(&Self::key(p))
+    }
+}
+
+/// What one batch's delivery needs.
+struct Delivery {
+    spool: Arc<dyn Spool>,
+    upstreams: Arc<Upstreams>,
+    suspects: Arc<Suspects>,
+    budget: Arc<IsolationBudget>,
     max_retry_delay: Duration,
-) -> Result<ForwardSummary, SpoolError> {
-    let mut summary = ForwardSummary::default();
-    metrics::histogram!("tributary_upstream_batch_events").record(batch.events() as f64);
-    let outcome = bisect(batch.items.len(), MAX_BISECT_REQUESTS, |range| {
-        let body = batch.body(&batch.items[range]);
-        metrics::histogram!("tributary_upstream_batch_bytes").record(body.len() as f64);
-        upstreams.send(&batch.route, body)
-    })
-    .await;
-    summary.requests += outcome.requests as u64;
+    suspect_delay: Duration,
+}
 
-    for range in &outcome.delivered {
-        settle_delivered(spool, &batch.items[range.clone()], &mut summary).await?;
+/// What happened to one visitor of an isolated batch.
+#[derive(Clone)]
+enum Fate {
+    Delivered,
+    Rejected {
+        status: u16,
+        message: String,
+    },
+    /// Not isolated before the budget ran out: in a refused group of this many visitors.
+    Unresolved(usize),
+    /// Not delivered for a reason that is not its own.
+    Undelivered,
+}
+
+impl Delivery {
+    /// Sends one batch and settles every payload in it with the spool.
+    async fn deliver(&self, batch: Batch) -> Result<ForwardSummary, SpoolError> {
+        let mut summary = ForwardSummary {
+            requests: 1,
+            ..ForwardSummary::default()
+        };
+        metrics::histogram!("tributary_upstream_batch_events").record(batch.events() as f64);
+        let body = batch.body(&batch.items);
+        metrics::histogram!("tributary_upstream_batch_bytes").record(body.len() as f64);
+        match self.upstreams.send(&batch.route, body).await {
+            Ok(()) => {
+                settle_delivered(&*self.spool, &batch.items, &mut summary).await?;
+            }
+            Err(DispatchError::Permanent { status, message }) if is_content_rejection(status) => {
+                self.isolate(batch, (status, message), &mut summary).await?;
+            }
+            Err(error) => {
+                settle_failed(
+                    &*self.spool,
+                    &batch.items,
+                    &error,
+                    self.max_retry_delay,
+                    &mut summary,
+                )
+                .await?;
+            }
+        }
+        Ok(summary)
     }
-    for rejected in &outcome.rejected {
-        let item = &batch.items[rejected.index];
-        let reason = format!(
-            "upstream answered {}: {}",
-            rejected.status, rejected.message
-        );
-        tracing::warn!(
-            status = rejected.status,
-            events = item.payload.visitor_count,
-            "payload refused upstream; moved to dead letters"
-        );
-        metrics::counter!("tributary_dead_letters_total").increment(1);
-        spool
-            .dead_letter(std::slice::from_ref(&item.receipt), &reason)
-            .await?;
-        summary.payloads_dead += 1;
+
+    /// Takes a refused batch apart into its visitors, isolates the refused ones, and
+    /// settles each payload by the fate of its visitors.
+    async fn isolate(
+        &self,
+        batch: Batch,
+        refusal: (u16, String),
+        summary: &mut ForwardSummary,
+    ) -> Result<(), SpoolError> {
+        let mut visitors: Vec<Bytes> = Vec::new();
+        let mut owners: Vec<Range> = Vec::with_capacity(batch.items.len());
+        for l in &batch.items {
+            let start = visitors.len();
+            match l.payload.to_batch() {
+                Ok(raw) => visitors.extend(raw.into_visitors()),
+                // Unreadable as visitors (never written by this relay): keep it whole.
+                Err(_) => visitors.push(l.payload.visitors.clone()),
+            }
+            owners.push(start..visitors.len());
+        }
+        let raw = RawBatch::from_parts(batch.header.clone(), visitors);
+        let outcome = isolate(raw.visitors().len(), refusal, &self.budget, |range| {
+            let body = raw.slice(range).encode();
+            metrics::histogram!("tributary_upstream_batch_bytes").record(body.len() as f64);
+            self.upstreams.send(&batch.route, body)
+        })
+        .await;
+        summary.requests += outcome.requests as u64;
+        summary.isolation_requests += outcome.requests as u64;
+        metrics::counter!("tributary_isolation_requests_total").increment(outcome.requests as u64);
+        let fates = fates(raw.visitors().len(), &outcome);
+        let failure = outcome.undelivered.as_ref().map(|u| &u.error);
+
+        let mut acked = Vec::new();
+        let mut released: Vec<&Leased> = Vec::new();
+        let mut parts = Vec::new();
+        for (l, range) in batch.items.iter().zip(owners) {
+            let mine = &fates[range.clone()];
+            if mine.iter().all(|f| matches!(f, Fate::Delivered)) {
+                acked.push(l.clone());
+                continue;
+            }
+            let unresolved_group = mine
+                .iter()
+                .filter_map(|f| match f {
+                    Fate::Unresolved(n) => Some(*n),
+                    _ => None,
+                })
+                .min();
+            let untouched = mine
+                .iter()
+                .all(|f| matches!(f, Fate::Unresolved(_) | Fate::Undelivered));
+            if untouched {
+                if let Some(group) = unresolved_group {
+                    self.suspects.remember(&l.payload, group);
+                }
+                released.push(l);
+                continue;
+            }
+            let mut delivered = 0u32;
+            let mut dead = Vec::new();
+            let mut rest = Vec::new();
+            for (visitor, fate) in raw.visitors()[range].iter().zip(mine) {
+                match fate {
+                    Fate::Delivered => delivered += 1,
+                    Fate::Rejected { status, message } => {
+                        dead.push((
+                            one_visitor(&l.payload, visitor),
+                            format!("upstream answered {status}: {message}"),
+                        ));
+                    }
+                    Fate::Unresolved(_) | Fate::Undelivered => rest.push(visitor.clone()),
+                }
+            }
+            let remainder = (!rest.is_empty()).then(|| {
+                Payload::from_batch(
+                    l.payload.route.clone(),
+                    &RawBatch::from_parts(l.payload.header.clone(), rest),
+                )
+            });
+            if let (Some(r), Some(group)) = (&remainder, unresolved_group) {
+                self.suspects.remember(r, group);
+            }
+            let delay = match failure {
+                Some(error) => failure_delay(error, l.attempts, self.max_retry_delay),
+                None => self.suspect_delay,
+            };
+            summary.events_delivered += u64::from(delivered);
+            summary.events_dead += dead.len() as u64;
+            summary.payloads_dead += dead.len() as u64;
+            summary.events_unresolved +=
+                remainder.as_ref().map_or(0, |r| u64::from(r.visitor_count));
+            metrics::counter!("tributary_forwarded_events_total").increment(u64::from(delivered));
+            metrics::counter!("tributary_dead_letters_total").increment(dead.len() as u64);
+            parts.push(PartialSettlement {
+                receipt: l.receipt.clone(),
+                delivered_events: delivered,
+                dead,
+                remainder,
+                delay,
+            });
+        }
+        let rejected = outcome.rejected.len();
+        if rejected > 0 {
+            tracing::warn!(
+                rejected,
+                visitors = raw.visitors().len(),
+                requests = outcome.requests,
+                "visitors refused upstream were isolated; each refused alone is now a dead letter"
+            );
+        }
+        settle_delivered(&*self.spool, &acked, summary).await?;
+        if !parts.is_empty() {
+            self.spool.settle_parts(parts).await?;
+        }
+        if !released.is_empty() {
+            let items: Vec<Leased> = released.into_iter().cloned().collect();
+            match &outcome.undelivered {
+                Some(u) => {
+                    settle_failed(
+                        &*self.spool,
+                        &items,
+                        &u.error,
+                        self.max_retry_delay,
+                        summary,
+                    )
+                    .await?;
+                }
+                None => {
+                    let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
+                    summary.events_unresolved += items
+                        .iter()
+                        .map(|l| u64::from(l.payload.visitor_count))
+                        .sum::<u64>();
+                    summary.payloads_retried += items.len() as u64;
+                    self.spool.release(&receipts, self.suspect_delay).await?;
+                }
+            }
+        }
+        Ok(())
     }
-    if let Some(undelivered) = &outcome.undelivered {
-        let items: Vec<Leased> = undelivered
-            .ranges
-            .iter()
-            .flat_map(|r| batch.items[r.clone()].iter().cloned())
-            .collect();
-        settle_failed(
-            spool,
-            &items,
-            &undelivered.error,
-            max_retry_delay,
-            &mut summary,
-        )
-        .await?;
+}
+
+type Range = std::ops::Range<usize>;
+
+/// The fate of each of `n` visitors in `outcome`.
+fn fates(n: usize, outcome: &BisectOutcome) -> Vec<Fate> {
+    let mut fates = vec![Fate::Undelivered; n];
+    for r in &outcome.delivered {
+        fates[r.clone()].fill(Fate::Delivered);
     }
-    Ok(summary)
+    for r in &outcome.unresolved {
+        fates[r.clone()].fill(Fate::Unresolved(r.len()));
+    }
+    for r in &outcome.rejected {
+        if let Some(f) = fates.get_mut(r.index) {
+            *f = Fate::Rejected {
+                status: r.status,
+                message: r.message.clone(),
+            };
+        }
+    }
+    fates
+}
+
+/// A payload of one visitor under `of`'s route and header.
+fn one_visitor(of: &Payload, visitor: &Bytes) -> Payload {
+    Payload {
+        route: of.route.clone(),
+        header: of.header.clone(),
+        visitors: visitor.clone(),
+        visitor_count: 1,
+    }
 }
 
 async fn settle_delivered(
@@ -444,29 +753,36 @@ async fn settle_failed(
     summary: &mut ForwardSummary,
 ) -> Result<(), SpoolError> {
     let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
+    let attempts = items.iter().map(|l| l.attempts).max().unwrap_or(0);
+    let delay = failure_delay(error, attempts, max_retry_delay);
     match error {
         DispatchError::Permanent { status, .. } => {
             tracing::error!(
                 status,
                 "upstream refuses the relay itself (check --upstream and credentials); payloads kept"
             );
-            spool.release(&receipts, max_retry_delay).await?;
-            summary.payloads_retried += items.len() as u64;
         }
         other => {
-            let attempts = items.iter().map(|l| l.attempts).max().unwrap_or(0);
-            let retry_after = match other {
-                DispatchError::Transient { retry_after, .. } => *retry_after,
-                _ => None,
-            };
-            let delay = retry_delay(attempts, retry_after, max_retry_delay);
             tracing::warn!(error = %other, payloads = items.len(), delay_ms = delay.as_millis() as u64, "upstream delivery failed; will retry");
             metrics::counter!("tributary_upstream_retries_total").increment(1);
-            spool.release(&receipts, delay).await?;
-            summary.payloads_retried += items.len() as u64;
         }
     }
+    spool.release(&receipts, delay).await?;
+    summary.payloads_retried += items.len() as u64;
     Ok(())
+}
+
+/// How long payloads wait after a failure that is not their content's: the longest delay
+/// when the upstream refuses the relay itself (401, 403, 404: an operator must act), else
+/// the backoff for their attempts, or the upstream's `Retry-After` when longer.
+fn failure_delay(error: &DispatchError, attempts: u32, max_retry_delay: Duration) -> Duration {
+    match error {
+        DispatchError::Permanent { .. } => max_retry_delay,
+        DispatchError::Transient { retry_after, .. } => {
+            retry_delay(attempts, *retry_after, max_retry_delay)
+        }
+        _ => retry_delay(attempts, None, max_retry_delay),
+    }
 }
 
 /// Exponential from 1 s, doubled per attempt, jittered by up to a quarter, capped; the
@@ -566,9 +882,11 @@ mod tests {
                     flush_interval: Duration::from_secs(1),
                     max_retry_delay: Duration::from_secs(1),
                     lease_for: Duration::from_secs(60),
+                    isolation_budget: 100,
+                    suspect_delay: Duration::from_secs(1),
                 };
                 let mut got = Vec::new();
-                for batch in pack(leased, &config) {
+                for batch in pack(leased, &config, &Suspects::new(16)) {
                     let body = batch.body(&batch.items);
                     let events = batch.events();
                     // A batch may exceed the limits only when it holds a single payload.

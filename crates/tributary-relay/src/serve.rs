@@ -181,8 +181,13 @@ pub fn forwarder_config(config: &RelayConfig) -> ForwarderConfig {
         flush_interval: config.flush_interval,
         max_retry_delay: config.max_retry_delay,
         lease_for: config.lease_timeout,
+        isolation_budget: config.isolation_budget,
+        suspect_delay: SUSPECT_DELAY,
     }
 }
+
+/// How long payloads whose isolation the budget cut short wait before the next try.
+const SUSPECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Retention upkeep once a minute.
 async fn maintain(spool: Arc<dyn Spool>, mut stop: watch::Receiver<bool>) {
@@ -238,9 +243,12 @@ async fn readyz(State(ops): State<Arc<OpsState>>) -> impl IntoResponse {
     if !ops.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned());
     }
-    match ops.spool.stats().await {
-        Ok(_) => (StatusCode::OK, "ready".to_owned()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("spool: {e}")),
+    match ops.spool.check_ready().await {
+        Ok(()) => (StatusCode::OK, "ready".to_owned()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not accepting: spool: {e}"),
+        ),
     }
 }
 

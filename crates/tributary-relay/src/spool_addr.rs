@@ -46,6 +46,7 @@ pub async fn open(
         SpoolAddr::Sqlite(dir) => {
             let sqlite = SqliteConfig {
                 max_bytes: config.spool_max_bytes,
+                reserve_bytes: config.spool_reserve_bytes,
                 retention: config.retention,
                 sync: match config.spool_sync {
                     SyncMode::Full => SqliteSync::Full,

@@ -11,7 +11,12 @@
 //! | `spool_dead_letters` | gauge | dead letters held |
 //! | `upstream_requests_total{status}` | counter | upstream answers (`error` for no answer) |
 //! | `upstream_retries_total` | counter | batches released for a later retry |
-//! | `dead_letters_total` | counter | payloads moved to dead letters |
+//! | `dead_letters_total` | counter | dead letters created (a visitor refused alone, or a payload past retention) |
+//! | `isolation_requests_total` | counter | upstream requests spent isolating refused visitors |
+//! | `isolation_budget_exhausted_total` | counter | cycles whose isolation budget ran out (the rest was released as suspect) |
+//! | `spool_events{state}`, `spool_payloads{state}` | gauge | the spool's durable totals: `accepted`, `delivered`, `dead`, `purged`, `pending` (and `split` for payloads); SQLite only |
+//! | `spool_balanced` | gauge | 1 when the durable totals balance (accepted = delivered + dead + purged + pending), else 0 |
+//! | `spool_ready` | gauge | 1 when the spool takes appends, 0 when it refuses them (full disk, damaged file) |
 //! | `forwarded_events_total` | counter | visitors delivered upstream |
 //! | `upstream_batch_events`, `upstream_batch_bytes` | histogram | merged batch sizes |
 //! | `upstream_latency_seconds` | histogram | one upstream request |
@@ -59,6 +64,34 @@ pub async fn spool_gauges(spool: Arc<dyn Spool>, mut stop: watch::Receiver<bool>
             }
             Err(e) => tracing::warn!(error = %e, "spool stats unavailable"),
         }
+        if let Ok(Some(t)) = spool.totals().await {
+            for (kind, ledger) in [("events", t.events), ("payloads", t.payloads)] {
+                for (state, v) in [
+                    ("accepted", ledger.accepted),
+                    ("delivered", ledger.delivered),
+                    ("dead", ledger.dead),
+                    ("purged", ledger.purged),
+                    ("pending", ledger.pending),
+                ] {
+                    let name = if kind == "events" {
+                        "tributary_spool_events"
+                    } else {
+                        "tributary_spool_payloads"
+                    };
+                    metrics::gauge!(name, "state" => state).set(v as f64);
+                }
+            }
+            metrics::gauge!("tributary_spool_payloads", "state" => "split")
+                .set(t.split_payloads as f64);
+            let balanced = if t.imbalances().is_empty() { 1.0 } else { 0.0 };
+            metrics::gauge!("tributary_spool_balanced").set(balanced);
+        }
+        let ready = if spool.check_ready().await.is_ok() {
+            1.0
+        } else {
+            0.0
+        };
+        metrics::gauge!("tributary_spool_ready").set(ready);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.changed() => return,

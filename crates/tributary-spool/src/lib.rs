@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+mod audit;
+pub mod clock;
 pub mod dispatcher;
 mod payload;
 mod sqlite;
 pub mod sqs;
 
+pub use audit::{Ledger, SpoolAudit, SpoolTotals};
 pub use dispatcher::{
     SpoolDispatcher, SpoolDispatcherBuilder, SpoolDispatcherError, SpoolDispatcherStats,
 };
@@ -39,6 +42,40 @@ pub struct Leased {
     pub attempts: u32,
     /// When it was appended, in milliseconds since the Unix epoch.
     pub appended_at_ms: u64,
+}
+
+/// How one leased payload is settled piece by piece, once isolation has split it: some of
+/// its visitors were delivered, some were refused alone, and the rest is still to send.
+///
+/// ```
+/// use std::time::Duration;
+/// use tributary_spool::{PartialSettlement, Receipt};
+/// // Every visitor delivered but one, which the upstream refused alone:
+/// let settle = PartialSettlement {
+///     receipt: Receipt("7:1".into()),
+///     delivered_events: 9,
+///     dead: vec![/* (that visitor as a one-visitor Payload, "upstream answered 400: ...") */],
+///     remainder: None,
+///     delay: Duration::ZERO,
+/// };
+/// # let _ = settle;
+/// ```
+#[derive(Debug, Clone)]
+pub struct PartialSettlement {
+    /// The lease being settled.
+    pub receipt: Receipt,
+    /// How many of its visitors the upstream accepted: they leave the spool.
+    pub delivered_events: u32,
+    /// Visitors refused when sent alone, each as a one-visitor payload with the payload's
+    /// route and header, and the reason (status and upstream answer): each becomes a dead
+    /// letter of its own.
+    pub dead: Vec<(Payload, String)>,
+    /// Visitors neither delivered nor refused (the upstream failed part-way, or isolation
+    /// ran out of budget): they stay pending as one payload, with the original append time
+    /// and attempts.
+    pub remainder: Option<Payload>,
+    /// When the remainder becomes visible again.
+    pub delay: Duration,
 }
 
 /// A payload set aside because it could not be delivered.
@@ -107,6 +144,39 @@ pub enum SpoolError {
     /// most 256 KiB by default); nothing was appended. Retrying cannot help.
     #[error("payload too large for the spool: {0}")]
     TooLarge(String),
+    /// The spool's file cannot be trusted: it is not a spool, it is damaged, or a newer
+    /// version wrote it. Nothing was read from it or written to it.
+    #[error("{path}: {detail}")]
+    Damaged {
+        /// The file.
+        path: String,
+        /// What is wrong and what to do.
+        detail: String,
+    },
+    /// This kind of spool cannot do that (an SQS queue keeps no durable totals).
+    #[error("not supported by this spool: {0}")]
+    Unsupported(String),
+}
+
+impl SpoolError {
+    /// A copy, for every caller of a failed group operation (the error holds no handles).
+    pub fn duplicate(&self) -> SpoolError {
+        match self {
+            SpoolError::Full { reason } => SpoolError::Full {
+                reason: reason.clone(),
+            },
+            SpoolError::Storage(m) => SpoolError::Storage(m.clone()),
+            SpoolError::Closed => SpoolError::Closed,
+            SpoolError::Unknown(m) => SpoolError::Unknown(m.clone()),
+            SpoolError::Config(m) => SpoolError::Config(m.clone()),
+            SpoolError::TooLarge(m) => SpoolError::TooLarge(m.clone()),
+            SpoolError::Damaged { path, detail } => SpoolError::Damaged {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            SpoolError::Unsupported(m) => SpoolError::Unsupported(m.clone()),
+        }
+    }
 }
 
 /// Durable storage of payloads between ingest and upstream delivery.
@@ -137,6 +207,12 @@ pub trait Spool: Send + Sync + 'static {
     /// Moves leased payloads to the dead letters with `reason`.
     async fn dead_letter(&self, receipts: &[Receipt], reason: &str) -> Result<(), SpoolError>;
 
+    /// Settles leased payloads piece by piece (see [`PartialSettlement`]). A stale receipt
+    /// is skipped, as in [`Spool::release`]. Each settlement is atomic on the SQLite
+    /// spool; on SQS the new messages are sent before the old one is deleted, so a crash
+    /// in between duplicates, never loses.
+    async fn settle_parts(&self, parts: Vec<PartialSettlement>) -> Result<(), SpoolError>;
+
     /// Counts and ages.
     async fn stats(&self) -> Result<SpoolStats, SpoolError>;
 
@@ -153,5 +229,24 @@ pub trait Spool: Send + Sync + 'static {
     /// payloads it moved. The default does nothing.
     async fn maintain(&self) -> Result<u64, SpoolError> {
         Ok(0)
+    }
+
+    /// Whether the spool can take appends now, without writing anything: `Err` says why
+    /// not (a full disk, a damaged file). The default asks for [`Spool::stats`].
+    async fn check_ready(&self) -> Result<(), SpoolError> {
+        self.stats().await.map(|_| ())
+    }
+
+    /// The durable running totals, cheap to read; `None` for a spool that keeps none (SQS).
+    async fn totals(&self) -> Result<Option<SpoolTotals>, SpoolError> {
+        Ok(None)
+    }
+
+    /// The totals checked against what the spool holds, counted row by row (reads
+    /// everything: an operator's command, not a metric).
+    async fn audit(&self) -> Result<SpoolAudit, SpoolError> {
+        Err(SpoolError::Unsupported(
+            "this spool keeps no durable totals to audit".to_owned(),
+        ))
     }
 }

@@ -8,12 +8,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{DeadLetter, Leased, Payload, Receipt, Selection, Spool, SpoolError, SpoolStats};
+use crate::clock::Clock;
+use crate::{
+    DeadLetter, Leased, PartialSettlement, Payload, Receipt, Selection, Spool, SpoolAudit,
+    SpoolError, SpoolStats, SpoolTotals,
+};
 
 mod store;
 mod writer;
 
-use store::{DeadChunk, Store, now_ms, parse_id, parse_receipt};
+use store::{DeadChunk, Store, parse_id, parse_receipt};
 use writer::{Command, Counters, GroupBound};
 
 /// The database file inside the spool directory.
@@ -59,6 +63,18 @@ pub struct SqliteConfig {
     /// Rows per transaction in bulk operations (retention, dead-letter retry and purge).
     /// Default 1,000.
     pub chunk: usize,
+    /// Free space kept on the spool's file system for the forwarder: appends are refused
+    /// ([`SpoolError::Full`], a 503 from the relay) once less than this plus twice the
+    /// append would be left, so leases, acks and WAL checkpoints, which free space, can
+    /// always run. Counted as free bytes of the file system plus free pages inside the
+    /// database. Default 64 MiB.
+    pub reserve_bytes: u64,
+    /// Check every page of the database (and WAL) when opening (`PRAGMA quick_check`), so
+    /// a damaged file is refused before anything is acknowledged into it. About 1 s per
+    /// GiB held, from the page cache. Default `true`.
+    pub check_on_open: bool,
+    /// Where the spool reads the time (see [`crate::clock`]). Default: the system's.
+    pub clock: Clock,
 }
 
 impl Default for SqliteConfig {
@@ -74,6 +90,9 @@ impl Default for SqliteConfig {
             queue_capacity: 4096,
             cache_bytes: 8 << 20,
             chunk: 1000,
+            reserve_bytes: 64 << 20,
+            check_on_open: true,
+            clock: Clock::system(),
         }
     }
 }
@@ -418,8 +437,31 @@ impl Spool for SqliteSpool {
         Ok(())
     }
 
+    async fn settle_parts(&self, parts: Vec<PartialSettlement>) -> Result<(), SpoolError> {
+        let parts = parts
+            .into_iter()
+            .map(|p| Ok((parse_receipt(&p.receipt)?, p)))
+            .collect::<Result<Vec<_>, SpoolError>>()?;
+        if parts.is_empty() {
+            return Ok(());
+        }
+        self.call(|r| Command::Settle(parts, r)).await.map(|_| ())
+    }
+
     async fn stats(&self) -> Result<SpoolStats, SpoolError> {
         self.call(Command::Stats).await
+    }
+
+    async fn check_ready(&self) -> Result<(), SpoolError> {
+        self.call(Command::CheckReady).await
+    }
+
+    async fn totals(&self) -> Result<Option<SpoolTotals>, SpoolError> {
+        self.call(Command::Totals).await.map(Some)
+    }
+
+    async fn audit(&self) -> Result<SpoolAudit, SpoolError> {
+        self.call(Command::Audit).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
@@ -438,7 +480,6 @@ impl Spool for SqliteSpool {
     /// (reason `expired: not delivered within the retention of 4d`), in chunks. Payloads
     /// leased at that moment are left to their holder.
     async fn maintain(&self) -> Result<u64, SpoolError> {
-        let cutoff = now_ms().saturating_sub(store::ms(self.config.retention));
         let reason = format!(
             "expired: not delivered within the retention of {}",
             short_duration(self.config.retention)
@@ -450,7 +491,6 @@ impl Spool for SqliteSpool {
             let reason = reason.clone();
             let (n, last, done) = self
                 .call(|reply| Command::Expire {
-                    cutoff,
                     after,
                     chunk,
                     reason,

@@ -10,6 +10,7 @@
 //! | [`Spool::ack`] | `DeleteMessageBatch`, only after the upstream's 2xx |
 //! | [`Spool::release`] | `ChangeMessageVisibilityBatch` to the retry delay |
 //! | [`Spool::dead_letter`] | `SendMessageBatch` to the dead-letter queue, then delete |
+//! | [`Spool::settle_parts`] | remainders sent back to the queue, refused visitors to the dead-letter queue, then delete |
 //! | [`Spool::stats`] | `GetQueueAttributes` (approximate counts) |
 //! | dead letters | received from, sent back from, or deleted in the dead-letter queue |
 //!
@@ -55,7 +56,10 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use crate::{DeadLetter, Leased, Payload, Receipt, Selection, Spool, SpoolError, SpoolStats};
+use crate::{
+    DeadLetter, Leased, PartialSettlement, Payload, Receipt, Selection, Spool, SpoolError,
+    SpoolStats,
+};
 
 mod calls;
 mod dead;
@@ -376,6 +380,10 @@ impl Spool for SqsSpool {
     async fn dead_letter(&self, receipts: &[Receipt], reason: &str) -> Result<(), SpoolError> {
         let held = self.inner.leases.take(receipts);
         dead::bury(&self.inner, held, reason).await
+    }
+
+    async fn settle_parts(&self, parts: Vec<PartialSettlement>) -> Result<(), SpoolError> {
+        dead::settle_parts(&self.inner, parts).await
     }
 
     async fn stats(&self) -> Result<SpoolStats, SpoolError> {

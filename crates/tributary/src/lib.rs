@@ -29,6 +29,7 @@ pub mod datafile;
 pub mod dispatcher;
 pub mod event;
 pub mod factory;
+pub mod isolate;
 pub mod log_event;
 pub mod notification;
 pub mod payload;

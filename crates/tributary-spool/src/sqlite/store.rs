@@ -5,8 +5,8 @@
 //! either all of it or none of it, and another process using the same database (the
 //! `tributary spool` CLI) waits on the busy timeout instead of failing half-way.
 
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{
@@ -14,10 +14,19 @@ use rusqlite::{
 };
 
 use super::{SqliteConfig, SyncMode};
-use crate::{DeadLetter, Leased, Payload, Receipt, SpoolError, SpoolStats};
+use crate::audit::Counted;
+use crate::clock::SpoolClock;
+use crate::{
+    DeadLetter, Leased, Ledger, PartialSettlement, Payload, Receipt, SpoolAudit, SpoolError,
+    SpoolStats, SpoolTotals,
+};
 
-/// The on-disk format this code reads and writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The on-disk format this code reads and writes (`PRAGMA user_version`). Version 2 added
+/// the conservation totals and the spool's clock to `totals`.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The reason of [`SpoolError::Full`] when the file system itself is full.
+pub(super) const DISK_FULL: &str = "disk full";
 
 /// Small columns come first in both tables: SQLite reads a row's columns in order, and the
 /// scans that only need ids, sizes and times (retention, stats) then never touch the blob
@@ -72,23 +81,49 @@ INSERT OR IGNORE INTO totals (id, pending, pending_bytes, pending_events, dead, 
     VALUES (0, 0, 0, 0, 0, 0);
 ";
 
+/// Version 1 to 2. What a version-1 spool had accepted before is not known: it is taken to
+/// be what it holds, so the totals balance from the upgrade on.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE totals ADD COLUMN dead_events INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN accepted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN accepted_events INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN delivered_events INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN purged INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN purged_events INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN split INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN clock_ms INTEGER NOT NULL DEFAULT 0;
+UPDATE totals SET
+    dead_events = (SELECT COALESCE(SUM(visitor_count), 0) FROM dead_letters),
+    accepted = pending + dead,
+    accepted_events = pending_events + (SELECT COALESCE(SUM(visitor_count), 0) FROM dead_letters)
+    WHERE id = 0;
+";
+
+/// What to do about a spool file that cannot be used, for every such error.
+const WHAT_TO_DO: &str = "the relay will not use it and has not changed it. Stop every \
+     process using this spool, move the file aside with its -wal and -shm files (mv spool.db \
+     spool.db.damaged), start again to begin an empty spool, and salvage what the old file \
+     holds with `sqlite3 spool.db.damaged .recover`";
+
 /// Maps a SQLite error to the trait's error. A full disk is reported as a full spool: the
-/// relay then answers 503 with `Retry-After`, which is what the client should do.
+/// relay then answers 503 with `Retry-After`, which is what the client should do. A damaged
+/// file is [`SpoolError::Damaged`] (by [`Store::classify`], which knows the path).
 pub(super) fn storage(e: rusqlite::Error) -> SpoolError {
-    if e.sqlite_error_code() == Some(ErrorCode::DiskFull) {
-        SpoolError::Full {
-            reason: "disk full".to_owned(),
-        }
-    } else {
-        SpoolError::Storage(e.to_string())
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => SpoolError::Full {
+            reason: DISK_FULL.to_owned(),
+        },
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => SpoolError::Damaged {
+            path: String::new(),
+            detail: e.to_string(),
+        },
+        _ => SpoolError::Storage(e.to_string()),
     }
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+fn is_disk_full(e: &SpoolError) -> bool {
+    matches!(e, SpoolError::Full { reason } if reason == DISK_FULL)
 }
 
 pub(super) fn ms(d: Duration) -> i64 {
@@ -114,13 +149,71 @@ pub(super) fn parse_receipt(r: &Receipt) -> Result<(i64, i64), SpoolError> {
     }
 }
 
-/// Dead-letter ids are the row id of the payload they were.
+/// Proves through a read-only connection that `path` is a spool this build can use: a
+/// SQLite database, of no other program, of a format not newer than this build's, and (with
+/// [`SqliteConfig::check_on_open`]) whole. The error says what is wrong and what to do.
+fn precheck(path: &Path, config: &SqliteConfig) -> Result<(), String> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| format!("cannot be opened ({e}); {WHAT_TO_DO}"))?;
+    let _ = conn.busy_timeout(config.busy_timeout);
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| format!("not a readable SQLite database ({e}); {WHAT_TO_DO}"))?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "written by a newer version of Tributary (spool format {version}, this build \
+             reads up to {SCHEMA_VERSION}); run the newer version, or move the file aside \
+             to start an empty spool. It has not been changed"
+        ));
+    }
+    if version == 0 {
+        let tables: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| format!("cannot read its schema ({e}); {WHAT_TO_DO}"))?;
+        if tables > 0 {
+            return Err(format!(
+                "a SQLite database of another program ({tables} tables, no spool format), \
+                 not a Tributary spool; point --spool at another directory. It has not \
+                 been changed"
+            ));
+        }
+    }
+    if config.check_on_open {
+        quick_check(&conn).map_err(|detail| format!("{detail}; {WHAT_TO_DO}"))?;
+    }
+    Ok(())
+}
+
+/// `PRAGMA quick_check` (every page of the database and of the WAL, not the index contents
+/// against the rows): a file cut short, or overwritten, fails it.
+fn quick_check(conn: &Connection) -> Result<(), String> {
+    let rows: rusqlite::Result<Vec<String>> = conn
+        .prepare("PRAGMA quick_check(5)")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect());
+    match rows {
+        Ok(rows) if rows.len() == 1 && rows[0] == "ok" => Ok(()),
+        Ok(rows) => Err(format!("damaged: its check found {}", rows.join("; "))),
+        Err(e) => Err(format!("damaged: it cannot be read through ({e})")),
+    }
+}
+
+/// Dead-letter ids are the row id of the payload they were, or for the parts isolation
+/// cut out of a payload, a fresh id from the same sequence.
 pub(super) fn parse_id(s: &str) -> Result<i64, SpoolError> {
     s.parse::<i64>()
         .map_err(|_| SpoolError::Unknown(s.to_owned()))
 }
 
 /// Changes to the running totals within one transaction.
+///
+/// Every transaction that writes also moves `clock_ms`, the latest time the spool wrote,
+/// which the next process's clock never starts before (see [`crate::clock`]). It lives in
+/// the totals row, which these transactions write anyway, so it costs no extra page.
 #[derive(Debug, Default, Clone, Copy)]
 struct Delta {
     pending: i64,
@@ -128,34 +221,58 @@ struct Delta {
     pending_events: i64,
     dead: i64,
     dead_bytes: i64,
+    dead_events: i64,
+    accepted: i64,
+    accepted_events: i64,
+    delivered: i64,
+    delivered_events: i64,
+    purged: i64,
+    purged_events: i64,
+    split: i64,
 }
 
 impl Delta {
-    fn is_zero(&self) -> bool {
-        self.pending == 0
-            && self.pending_bytes == 0
-            && self.pending_events == 0
-            && self.dead == 0
-            && self.dead_bytes == 0
-    }
-
-    fn write(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        if self.is_zero() {
-            return Ok(());
-        }
+    fn write(&self, tx: &Transaction<'_>, now: i64) -> rusqlite::Result<()> {
         tx.prepare_cached(
             "UPDATE totals SET pending = pending + ?1, pending_bytes = pending_bytes + ?2,
                  pending_events = pending_events + ?3, dead = dead + ?4,
-                 dead_bytes = dead_bytes + ?5 WHERE id = 0",
+                 dead_bytes = dead_bytes + ?5, dead_events = dead_events + ?6,
+                 accepted = accepted + ?7, accepted_events = accepted_events + ?8,
+                 delivered = delivered + ?9, delivered_events = delivered_events + ?10,
+                 purged = purged + ?11, purged_events = purged_events + ?12,
+                 split = split + ?13, clock_ms = MAX(clock_ms, ?14) WHERE id = 0",
         )?
         .execute(params![
             self.pending,
             self.pending_bytes,
             self.pending_events,
             self.dead,
-            self.dead_bytes
+            self.dead_bytes,
+            self.dead_events,
+            self.accepted,
+            self.accepted_events,
+            self.delivered,
+            self.delivered_events,
+            self.purged,
+            self.purged_events,
+            self.split,
+            now
         ])?;
         Ok(())
+    }
+
+    /// A payload row of `bytes` and `events` leaves the pending table.
+    fn unpend(&mut self, bytes: i64, events: i64) {
+        self.pending -= 1;
+        self.pending_bytes -= bytes;
+        self.pending_events -= events;
+    }
+
+    /// A dead-letter row of `bytes` and `events` appears.
+    fn bury(&mut self, bytes: i64, events: i64) {
+        self.dead += 1;
+        self.dead_bytes += bytes;
+        self.dead_events += events;
     }
 }
 
@@ -170,18 +287,39 @@ pub(super) enum DeadChunk {
 /// One connection, opened in read-write mode on `<dir>/spool.db`.
 pub(super) struct Store {
     conn: Connection,
+    path: PathBuf,
     max_bytes: u64,
     max_payloads: u64,
+    /// Bytes of free space kept for the forwarder (leases, acks, checkpoints).
+    reserve_bytes: u64,
+    retention: Duration,
+    page_size: u64,
+    clock: SpoolClock,
+    /// Set when an operation found the file damaged: from then on nothing is appended
+    /// (a 2xx into a spool that cannot be forwarded from would be a lie).
+    damaged: Option<String>,
 }
 
 impl Store {
-    /// Opens (and with `create`, creates) the database and brings its schema up to date.
-    /// Reads nothing proportional to the number of payloads.
+    /// Opens (and with `create`, creates) the database, proves it is a readable spool, and
+    /// brings its schema up to date. Refuses a file that is not a spool, is damaged, or was
+    /// written by a newer version, naming the file and what to do; it never changes or
+    /// deletes such a file.
     pub(super) fn open(
         path: &Path,
         config: &SqliteConfig,
         create: bool,
     ) -> Result<Store, SpoolError> {
+        let damaged = |detail: String| SpoolError::Damaged {
+            path: path.display().to_string(),
+            detail,
+        };
+        // An existing file is first proven to be a readable spool through a read-only
+        // connection: a read-write one would write to it (the journal mode) and, when
+        // closed, checkpoint its WAL into it, changing a file we are about to refuse.
+        if path.exists() {
+            precheck(path, config).map_err(damaged)?;
+        }
         let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
@@ -193,12 +331,15 @@ impl Store {
         // leaves the last committed transaction intact.
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .map_err(storage)?;
+            .map_err(|e| damaged(format!("cannot switch to WAL ({e}); {WHAT_TO_DO}")))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(SpoolError::Storage(format!(
                 "cannot use WAL journal mode (got {mode}); is the spool on a network filesystem?"
             )));
         }
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(storage)?;
         let sync = match config.sync {
             SyncMode::Full => "FULL",
             SyncMode::Normal => "NORMAL",
@@ -215,29 +356,141 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
             .map_err(storage)?;
         conn.set_prepared_statement_cache_capacity(32);
-
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(storage)?;
-        if version > SCHEMA_VERSION {
-            return Err(SpoolError::Config(format!(
-                "{} has spool format {version}, this build reads up to {SCHEMA_VERSION}",
-                path.display()
-            )));
-        }
+
         let mut store = Store {
             conn,
+            path: path.to_owned(),
             max_bytes: config.max_bytes,
             max_payloads: config.max_payloads,
+            reserve_bytes: config.reserve_bytes,
+            retention: config.retention,
+            page_size: to_u64(page_size),
+            clock: SpoolClock::new(config.clock.clone(), 0),
+            damaged: None,
         };
         if version < SCHEMA_VERSION {
             let tx = store.begin().map_err(storage)?;
-            tx.execute_batch(SCHEMA).map_err(storage)?;
+            if version < 1 {
+                tx.execute_batch(SCHEMA).map_err(storage)?;
+            }
+            tx.execute_batch(MIGRATE_TO_2).map_err(storage)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(storage)?;
             tx.commit().map_err(storage)?;
         }
+        let floor: i64 = store
+            .conn
+            .query_row("SELECT clock_ms FROM totals WHERE id = 0", [], |r| r.get(0))
+            .map_err(|e| damaged(format!("cannot read its totals ({e}); {WHAT_TO_DO}")))?;
+        store.clock = SpoolClock::new(config.clock.clone(), floor);
         Ok(store)
+    }
+
+    /// Adds the file's path to a damaged-file error and remembers it, so that appends stop
+    /// and readiness says why.
+    fn classify(&mut self, e: SpoolError) -> SpoolError {
+        match e {
+            SpoolError::Damaged { detail, .. } => {
+                let detail = format!("{detail}; {WHAT_TO_DO}");
+                if self.damaged.is_none() {
+                    tracing::error!(path = %self.path.display(), %detail, "the spool file is damaged");
+                }
+                self.damaged = Some(detail.clone());
+                SpoolError::Damaged {
+                    path: self.path.display().to_string(),
+                    detail,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `op`; if the file system is full, checkpoints the WAL (which gives back its
+    /// space once the pages are in the database) and tries once more. The forwarder's
+    /// writes (lease, ack, release, settle) go through here, so a full disk cannot stop
+    /// the deliveries that free it.
+    pub(super) fn with_room<T>(
+        &mut self,
+        op: impl Fn(&mut Store) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        let result = match op(self) {
+            Err(e) if is_disk_full(&e) => {
+                tracing::warn!("spool file system full; checkpointing the WAL and trying again");
+                self.checkpoint();
+                op(self)
+            }
+            other => other,
+        };
+        if result.is_ok() && self.room() < self.reserve_bytes.saturating_mul(2) {
+            // Low on space: keep the WAL small so that what acks free comes back at once.
+            self.checkpoint();
+        }
+        result.map_err(|e| self.classify(e))
+    }
+
+    /// Moves the WAL into the database and truncates it.
+    fn checkpoint(&mut self) {
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+
+    /// Bytes the spool can still grow into: free space on its file system plus the free
+    /// pages inside the database, which SQLite reuses before it grows the file.
+    fn room(&self) -> u64 {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let fs_free = match rustix::fs::statvfs(dir) {
+            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
+            // Unknown: do not refuse on a guess; SQLITE_FULL still stops appends.
+            Err(_) => return u64::MAX,
+        };
+        let free_pages: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .unwrap_or(0);
+        fs_free.saturating_add(to_u64(free_pages).saturating_mul(self.page_size))
+    }
+
+    /// Why appends are refused now, if they are: a damaged file, or less room than the
+    /// reserve plus `incoming` bytes (twice: the WAL holds a copy until it is checkpointed).
+    fn refusal(&self, incoming: u64) -> Option<SpoolError> {
+        if let Some(detail) = &self.damaged {
+            return Some(SpoolError::Damaged {
+                path: self.path.display().to_string(),
+                detail: detail.clone(),
+            });
+        }
+        let room = self.room();
+        let need = self
+            .reserve_bytes
+            .saturating_add(incoming.saturating_mul(2));
+        (room < need).then(|| SpoolError::Full {
+            reason: format!(
+                "{DISK_FULL}: {room} bytes left for the spool, under the {} kept free for \
+                 delivery (--spool-reserve-bytes) plus this request",
+                self.reserve_bytes
+            ),
+        })
+    }
+
+    /// Whether appends would be taken now, and whether the file reads.
+    pub(super) fn check_ready(&mut self) -> Result<(), SpoolError> {
+        if let Some(e) = self.refusal(0) {
+            return Err(e);
+        }
+        let read = self
+            .conn
+            .query_row("SELECT pending FROM totals WHERE id = 0", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(storage);
+        read.map(|_| ()).map_err(|e| self.classify(e))
     }
 
     fn begin(&mut self) -> rusqlite::Result<Transaction<'_>> {
@@ -253,6 +506,15 @@ impl Store {
         batches: &[Vec<Payload>],
     ) -> Result<Vec<Result<(), SpoolError>>, SpoolError> {
         let (max_bytes, max_payloads) = (self.max_bytes, self.max_payloads);
+        let incoming: u64 = batches
+            .iter()
+            .flatten()
+            .map(|p| p.stored_len() as u64)
+            .sum();
+        if let Some(refusal) = self.refusal(incoming) {
+            return Ok(batches.iter().map(|_| Err(refusal.duplicate())).collect());
+        }
+        let now = self.clock.now_ms();
         let tx = self.begin().map_err(storage)?;
         // Read inside the write transaction: another process may have changed the totals.
         let (mut held, mut held_bytes): (u64, u64) = tx
@@ -261,7 +523,6 @@ impl Store {
             )
             .and_then(|mut s| s.query_row([], |r| Ok((to_u64(r.get(0)?), to_u64(r.get(1)?)))))
             .map_err(storage)?;
-        let now = now_ms();
         let mut delta = Delta::default();
         let mut results = Vec::with_capacity(batches.len());
         {
@@ -310,7 +571,9 @@ impl Store {
                 results.push(Ok(()));
             }
         }
-        delta.write(&tx).map_err(storage)?;
+        delta.accepted = delta.pending;
+        delta.accepted_events = delta.pending_events;
+        delta.write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(results)
     }
@@ -326,9 +589,9 @@ impl Store {
         if max_payloads == 0 {
             return Ok(Vec::new());
         }
-        let tx = self.begin().map_err(storage)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let until = now.saturating_add(ms(lease_for));
+        let tx = self.begin().map_err(storage)?;
         let mut out = Vec::new();
         let mut ids = Vec::new();
         {
@@ -376,6 +639,7 @@ impl Store {
                 hide.execute(params![until, id]).map_err(storage)?;
             }
         }
+        Delta::default().write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(out)
     }
@@ -383,6 +647,7 @@ impl Store {
     /// Deletes the payloads, whatever the lease generation: a stale receipt still means the
     /// upstream took the payload. Rows already gone are skipped. Returns how many it deleted.
     pub(super) fn ack(&mut self, receipts: &[(i64, i64)]) -> Result<u64, SpoolError> {
+        let now = self.clock.now_ms();
         let tx = self.begin().map_err(storage)?;
         let mut delta = Delta::default();
         {
@@ -395,13 +660,13 @@ impl Store {
                     .optional()
                     .map_err(storage)?;
                 if let Some((bytes, events)) = gone {
-                    delta.pending -= 1;
-                    delta.pending_bytes -= bytes;
-                    delta.pending_events -= events;
+                    delta.unpend(bytes, events);
+                    delta.delivered += 1;
+                    delta.delivered_events += events;
                 }
             }
         }
-        delta.write(&tx).map_err(storage)?;
+        delta.write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(u64::try_from(-delta.pending).unwrap_or(0))
     }
@@ -414,8 +679,9 @@ impl Store {
         receipts: &[(i64, i64)],
         delay: Duration,
     ) -> Result<u64, SpoolError> {
+        let now = self.clock.now_ms();
+        let at = now.saturating_add(ms(delay));
         let tx = self.begin().map_err(storage)?;
-        let at = now_ms().saturating_add(ms(delay));
         let mut n = 0;
         {
             let mut update = tx
@@ -429,6 +695,7 @@ impl Store {
                     .map_err(storage)? as u64;
             }
         }
+        Delta::default().write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(n)
     }
@@ -440,8 +707,8 @@ impl Store {
         receipts: &[(i64, i64)],
         reason: &str,
     ) -> Result<u64, SpoolError> {
+        let now = self.clock.now_ms();
         let tx = self.begin().map_err(storage)?;
-        let now = now_ms();
         let mut delta = Delta::default();
         {
             let mut copy = tx
@@ -465,16 +732,135 @@ impl Store {
                 let (bytes, events): (i64, i64) = delete
                     .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(storage)?;
-                delta.pending -= 1;
-                delta.pending_bytes -= bytes;
-                delta.pending_events -= events;
-                delta.dead += 1;
-                delta.dead_bytes += bytes;
+                delta.unpend(bytes, events);
+                delta.bury(bytes, events);
             }
         }
-        delta.write(&tx).map_err(storage)?;
+        delta.write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(u64::try_from(delta.dead).unwrap_or(0))
+    }
+
+    /// Settles leased payloads piece by piece (see [`PartialSettlement`]), each in full or
+    /// not at all, all in one transaction. A stale receipt is skipped. A settlement whose
+    /// visitors do not add up to the payload's is refused, and nothing of the transaction
+    /// is written. Returns how many payloads it settled.
+    pub(super) fn settle_parts(
+        &mut self,
+        parts: &[((i64, i64), PartialSettlement)],
+    ) -> Result<u64, SpoolError> {
+        let now = self.clock.now_ms();
+        let tx = self.begin().map_err(storage)?;
+        let mut delta = Delta::default();
+        let mut settled = 0;
+        {
+            let mut current = tx
+                .prepare_cached(
+                    "SELECT visitor_count, bytes, appended_at FROM payloads
+                     WHERE id = ?1 AND leases = ?2",
+                )
+                .map_err(storage)?;
+            let mut next_id = tx
+                .prepare_cached(
+                    "UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'payloads' RETURNING seq",
+                )
+                .map_err(storage)?;
+            let mut bury = tx
+                .prepare_cached(
+                    "INSERT INTO dead_letters (id, visitor_count, bytes, appended_at, dead_at, reason, route, header, visitors)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(storage)?;
+            let mut shrink = tx
+                .prepare_cached(
+                    "UPDATE payloads SET visitor_count = ?2, bytes = ?3, visible_at = ?4, leased = 0,
+                         route = ?5, header = ?6, visitors = ?7 WHERE id = ?1",
+                )
+                .map_err(storage)?;
+            let mut delete = tx
+                .prepare_cached("DELETE FROM payloads WHERE id = ?1")
+                .map_err(storage)?;
+            for ((id, generation), part) in parts {
+                let Some((events, bytes, appended_at)): Option<(i64, i64, i64)> = current
+                    .query_row(params![id, generation], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()
+                    .map_err(storage)?
+                else {
+                    continue;
+                };
+                let dead_events: i64 = part
+                    .dead
+                    .iter()
+                    .map(|(p, _)| i64::from(p.visitor_count))
+                    .sum();
+                let kept_events = part
+                    .remainder
+                    .as_ref()
+                    .map_or(0, |p| i64::from(p.visitor_count));
+                let delivered = i64::from(part.delivered_events);
+                if delivered + dead_events + kept_events != events {
+                    return Err(SpoolError::Config(format!(
+                        "settlement of payload {id} accounts for {} of its {events} visitors",
+                        delivered + dead_events + kept_events
+                    )));
+                }
+                for (payload, reason) in &part.dead {
+                    let dead_id: i64 = next_id.query_row([], |r| r.get(0)).map_err(storage)?;
+                    let len = to_i64(payload.stored_len());
+                    bury.execute(params![
+                        dead_id,
+                        payload.visitor_count,
+                        len,
+                        appended_at,
+                        now,
+                        reason,
+                        payload.route,
+                        &payload.header[..],
+                        &payload.visitors[..]
+                    ])
+                    .map_err(storage)?;
+                    delta.bury(len, i64::from(payload.visitor_count));
+                }
+                let fragments = to_i64(part.dead.len());
+                match &part.remainder {
+                    Some(rest) => {
+                        let len = to_i64(rest.stored_len());
+                        shrink
+                            .execute(params![
+                                id,
+                                rest.visitor_count,
+                                len,
+                                now.saturating_add(ms(part.delay)),
+                                rest.route,
+                                &rest.header[..],
+                                &rest.visitors[..]
+                            ])
+                            .map_err(storage)?;
+                        delta.pending_bytes += len - bytes;
+                        delta.pending_events += kept_events - events;
+                        delta.split += fragments;
+                    }
+                    None => {
+                        delete.execute(params![id]).map_err(storage)?;
+                        delta.unpend(bytes, events);
+                        if delivered > 0 {
+                            delta.delivered += 1;
+                            delta.split += fragments;
+                        } else {
+                            // The row itself became its first dead letter.
+                            delta.split += (fragments - 1).max(0);
+                        }
+                    }
+                }
+                delta.delivered_events += delivered;
+                settled += 1;
+            }
+        }
+        delta.write(&tx, now).map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        Ok(settled)
     }
 
     /// Moves up to `chunk` payloads appended before `cutoff` (and not currently leased) to
@@ -482,13 +868,13 @@ impl Store {
     /// last id it looked at, and whether the scan is finished.
     pub(super) fn expire_chunk(
         &mut self,
-        cutoff: i64,
         after: i64,
         chunk: usize,
         reason: &str,
     ) -> Result<(u64, i64, bool), SpoolError> {
+        let now = self.clock.now_ms();
+        let cutoff = now.saturating_sub(ms(self.retention));
         let tx = self.begin().map_err(storage)?;
-        let now = now_ms();
         let mut candidates = Vec::new();
         let mut last = after;
         let mut reached_unexpired = false;
@@ -540,14 +926,11 @@ impl Store {
                 let (bytes, events): (i64, i64) = delete
                     .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(storage)?;
-                delta.pending -= 1;
-                delta.pending_bytes -= bytes;
-                delta.pending_events -= events;
-                delta.dead += 1;
-                delta.dead_bytes += bytes;
+                delta.unpend(bytes, events);
+                delta.bury(bytes, events);
             }
         }
-        delta.write(&tx).map_err(storage)?;
+        delta.write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok((u64::try_from(delta.dead).unwrap_or(0), last, done))
     }
@@ -559,7 +942,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(storage)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut stats = tx
             .prepare_cached(
                 "SELECT pending, pending_bytes, pending_events, dead FROM totals WHERE id = 0",
@@ -636,8 +1019,8 @@ impl Store {
     /// Puts dead letters back as new pending payloads (new id, no attempts, appended now so
     /// that retention counts from the retry). Returns how many.
     pub(super) fn retry_dead(&mut self, which: &DeadChunk) -> Result<u64, SpoolError> {
+        let now = self.clock.now_ms();
         let tx = self.begin().map_err(storage)?;
-        let now = now_ms();
         let ids = Self::dead_ids(&tx, which).map_err(storage)?;
         let mut delta = Delta::default();
         {
@@ -662,38 +1045,109 @@ impl Store {
                     .map_err(storage)?;
                 delta.dead -= 1;
                 delta.dead_bytes -= bytes;
+                delta.dead_events -= events;
                 delta.pending += 1;
                 delta.pending_bytes += bytes;
                 delta.pending_events += events;
             }
         }
-        delta.write(&tx).map_err(storage)?;
+        delta.write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(u64::try_from(delta.pending).unwrap_or(0))
     }
 
     /// Deletes dead letters for good. Returns how many.
     pub(super) fn purge_dead(&mut self, which: &DeadChunk) -> Result<u64, SpoolError> {
+        let now = self.clock.now_ms();
         let tx = self.begin().map_err(storage)?;
         let ids = Self::dead_ids(&tx, which).map_err(storage)?;
         let mut delta = Delta::default();
         {
             let mut delete = tx
-                .prepare_cached("DELETE FROM dead_letters WHERE id = ?1 RETURNING bytes")
+                .prepare_cached(
+                    "DELETE FROM dead_letters WHERE id = ?1 RETURNING bytes, visitor_count",
+                )
                 .map_err(storage)?;
             for id in ids {
-                let gone: Option<i64> = delete
-                    .query_row(params![id], |r| r.get(0))
+                let gone: Option<(i64, i64)> = delete
+                    .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .map_err(storage)?;
-                if let Some(bytes) = gone {
+                if let Some((bytes, events)) = gone {
                     delta.dead -= 1;
                     delta.dead_bytes -= bytes;
+                    delta.dead_events -= events;
+                    delta.purged += 1;
+                    delta.purged_events += events;
                 }
             }
         }
-        delta.write(&tx).map_err(storage)?;
+        delta.write(&tx, now).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(u64::try_from(-delta.dead).unwrap_or(0))
+    }
+
+    /// The durable totals.
+    pub(super) fn totals(&mut self) -> Result<SpoolTotals, SpoolError> {
+        self.conn
+            .prepare_cached(
+                "SELECT accepted, delivered, dead, purged, pending,
+                        accepted_events, delivered_events, dead_events, purged_events,
+                        pending_events, split
+                 FROM totals WHERE id = 0",
+            )
+            .and_then(|mut s| {
+                s.query_row([], |r| {
+                    let g = |i: usize| r.get::<_, i64>(i).map(to_u64);
+                    Ok(SpoolTotals {
+                        payloads: Ledger {
+                            accepted: g(0)?,
+                            delivered: g(1)?,
+                            dead: g(2)?,
+                            purged: g(3)?,
+                            pending: g(4)?,
+                        },
+                        events: Ledger {
+                            accepted: g(5)?,
+                            delivered: g(6)?,
+                            dead: g(7)?,
+                            purged: g(8)?,
+                            pending: g(9)?,
+                        },
+                        split_payloads: g(10)?,
+                    })
+                })
+            })
+            .map_err(storage)
+    }
+
+    /// The totals against a count of every row, in one read snapshot.
+    pub(super) fn audit(&mut self) -> Result<SpoolAudit, SpoolError> {
+        self.conn.execute_batch("BEGIN DEFERRED").map_err(storage)?;
+        let result = (|| {
+            let totals = self.totals()?;
+            let count = |table: &str| -> Result<(u64, u64), SpoolError> {
+                self.conn
+                    .query_row(
+                        &format!("SELECT COUNT(*), COALESCE(SUM(visitor_count), 0) FROM {table}"),
+                        [],
+                        |r| Ok((to_u64(r.get(0)?), to_u64(r.get(1)?))),
+                    )
+                    .map_err(storage)
+            };
+            let (pending, pending_events) = count("payloads")?;
+            let (dead, dead_events) = count("dead_letters")?;
+            Ok(SpoolAudit::new(
+                totals,
+                Counted {
+                    pending,
+                    pending_events,
+                    dead,
+                    dead_events,
+                },
+            ))
+        })();
+        let _ = self.conn.execute_batch("COMMIT");
+        result.map_err(|e| self.classify(e))
     }
 }

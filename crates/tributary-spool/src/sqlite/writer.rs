@@ -13,7 +13,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::store::{DeadChunk, Store};
-use crate::{DeadLetter, Leased, Payload, SpoolError, SpoolStats};
+use crate::{
+    DeadLetter, Leased, PartialSettlement, Payload, SpoolAudit, SpoolError, SpoolStats, SpoolTotals,
+};
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
@@ -29,12 +31,15 @@ pub(super) enum Command {
     Ack(Vec<(i64, i64)>, Reply<u64>),
     Release(Vec<(i64, i64)>, Duration, Reply<u64>),
     DeadLetter(Vec<(i64, i64)>, String, Reply<u64>),
+    Settle(Vec<((i64, i64), PartialSettlement)>, Reply<u64>),
     Stats(Reply<SpoolStats>),
+    Totals(Reply<SpoolTotals>),
+    Audit(Reply<SpoolAudit>),
+    CheckReady(Reply<()>),
     DeadLetters(usize, Reply<Vec<DeadLetter>>),
     Retry(DeadChunk, Reply<u64>),
     Purge(DeadChunk, Reply<u64>),
     Expire {
-        cutoff: i64,
         after: i64,
         chunk: usize,
         reason: String,
@@ -57,20 +62,6 @@ pub(super) struct Counters {
 pub(super) struct GroupBound {
     pub(super) payloads: usize,
     pub(super) bytes: usize,
-}
-
-/// Rebuilds an error for each caller of a failed group (`SpoolError` is not `Clone`).
-fn duplicate(e: &SpoolError) -> SpoolError {
-    match e {
-        SpoolError::Full { reason } => SpoolError::Full {
-            reason: reason.clone(),
-        },
-        SpoolError::Storage(m) => SpoolError::Storage(m.clone()),
-        SpoolError::Closed => SpoolError::Closed,
-        SpoolError::Unknown(m) => SpoolError::Unknown(m.clone()),
-        SpoolError::Config(m) => SpoolError::Config(m.clone()),
-        SpoolError::TooLarge(m) => SpoolError::TooLarge(m.clone()),
-    }
 }
 
 /// The thread body. Returns when the channel closes (every handle dropped) or on `Close`;
@@ -120,37 +111,49 @@ pub(super) fn run(
                 lease_for,
                 reply,
             } => {
-                let _ = reply.send(store.lease(max_payloads, max_bytes, lease_for));
+                let _ =
+                    reply.send(store.with_room(|s| s.lease(max_payloads, max_bytes, lease_for)));
             }
             Command::Ack(receipts, reply) => {
-                let _ = reply.send(store.ack(&receipts));
+                let _ = reply.send(store.with_room(|s| s.ack(&receipts)));
             }
             Command::Release(receipts, delay, reply) => {
-                let _ = reply.send(store.release(&receipts, delay));
+                let _ = reply.send(store.with_room(|s| s.release(&receipts, delay)));
             }
             Command::DeadLetter(receipts, reason, reply) => {
-                let _ = reply.send(store.dead_letter(&receipts, &reason));
+                let _ = reply.send(store.with_room(|s| s.dead_letter(&receipts, &reason)));
+            }
+            Command::Settle(parts, reply) => {
+                let _ = reply.send(store.with_room(|s| s.settle_parts(&parts)));
             }
             Command::Stats(reply) => {
                 let _ = reply.send(store.stats());
+            }
+            Command::Totals(reply) => {
+                let _ = reply.send(store.totals());
+            }
+            Command::Audit(reply) => {
+                let _ = reply.send(store.audit());
+            }
+            Command::CheckReady(reply) => {
+                let _ = reply.send(store.check_ready());
             }
             Command::DeadLetters(limit, reply) => {
                 let _ = reply.send(store.dead_letters(limit));
             }
             Command::Retry(which, reply) => {
-                let _ = reply.send(store.retry_dead(&which));
+                let _ = reply.send(store.with_room(|s| s.retry_dead(&which)));
             }
             Command::Purge(which, reply) => {
-                let _ = reply.send(store.purge_dead(&which));
+                let _ = reply.send(store.with_room(|s| s.purge_dead(&which)));
             }
             Command::Expire {
-                cutoff,
                 after,
                 chunk,
                 reason,
                 reply,
             } => {
-                let _ = reply.send(store.expire_chunk(cutoff, after, chunk, &reason));
+                let _ = reply.send(store.with_room(|s| s.expire_chunk(after, chunk, &reason)));
             }
             Command::Close(reply) => {
                 drop(store);
@@ -167,7 +170,7 @@ fn commit_group(
     replies: Vec<oneshot::Sender<Result<(), SpoolError>>>,
     counters: &Counters,
 ) {
-    match store.append_group(batches) {
+    match store.with_room(|s| s.append_group(batches)) {
         Ok(results) => {
             counters.append_commits.fetch_add(1, Ordering::Relaxed);
             for ((result, reply), batch) in results.into_iter().zip(replies).zip(batches) {
@@ -189,7 +192,7 @@ fn commit_group(
         Err(e) => {
             tracing::error!(error = %e, appends = replies.len(), "spool append transaction failed");
             for reply in replies {
-                let _ = reply.send(Err(duplicate(&e)));
+                let _ = reply.send(Err(e.duplicate()));
             }
         }
     }

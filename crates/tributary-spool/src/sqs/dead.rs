@@ -15,9 +15,9 @@ use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use std::collections::HashSet;
 
 use super::lease::Held;
-use super::message::{Received, now_ms, short_reason};
+use super::message::{self, Received, now_ms, short_reason};
 use super::{Inner, MAX_VISIBILITY_SECS, calls, capped, sdk_error};
-use crate::{DeadLetter, Payload, Selection, SpoolError, SpoolStats};
+use crate::{DeadLetter, PartialSettlement, Payload, Receipt, Selection, SpoolError, SpoolStats};
 
 /// How long dead letters being listed, retried or purged stay hidden from other readers.
 const SCAN_VISIBILITY_SECS: i32 = 30;
@@ -62,6 +62,61 @@ pub(super) async fn bury(inner: &Inner, held: Vec<Held>, reason: &str) -> Result
         .collect();
     calls::send(inner, dlq, copies).await?;
     calls::delete(inner, &inner.queue_url, receipts).await
+}
+
+/// Settles leased messages piece by piece: the remainders go back to the queue as new
+/// messages (with their delay, at most SQS's 15 minutes), the visitors refused alone go to
+/// the dead-letter queue, and only then are the originals deleted, so a crash in between
+/// duplicates and never loses. Without a dead-letter queue the refused visitors have
+/// nowhere to go: the originals are hidden for 12 hours instead, as in [`bury`], and come
+/// back whole (their delivered visitors are then sent again).
+pub(super) async fn settle_parts(
+    inner: &Inner,
+    parts: Vec<PartialSettlement>,
+) -> Result<(), SpoolError> {
+    let receipts: Vec<Receipt> = parts.iter().map(|p| p.receipt.clone()).collect();
+    let held = inner.leases.take(&receipts);
+    if held.is_empty() {
+        return Ok(());
+    }
+    let Some(dlq) = &inner.dead_letter_url else {
+        return bury(
+            inner,
+            held,
+            "refused by the upstream (no dead-letter queue configured)",
+        )
+        .await;
+    };
+    let now = now_ms();
+    let max = inner.config.max_message_bytes;
+    let (mut requeue, mut dead) = (Vec::new(), Vec::new());
+    for h in &held {
+        let Some(part) = parts.iter().find(|p| p.receipt.0 == h.receipt) else {
+            continue;
+        };
+        let appended_at = h.message.appended_at_ms;
+        if let Some(rest) = &part.remainder {
+            let delay_secs = i32::try_from(part.delay.as_secs()).unwrap_or(900).min(900);
+            for mut m in message::encode(rest, max, appended_at)? {
+                m.delay_secs = delay_secs;
+                requeue.push(m);
+            }
+        }
+        for (payload, reason) in &part.dead {
+            for mut m in message::encode(payload, max, appended_at)? {
+                m.dead = Some((short_reason(reason), now));
+                dead.push(m);
+            }
+        }
+    }
+    if !requeue.is_empty() {
+        calls::send(inner, &inner.queue_url, requeue).await?;
+    }
+    if !dead.is_empty() {
+        calls::send(inner, dlq, dead).await?;
+    }
+    let handles = held.into_iter().map(|h| h.receipt).collect();
+    calls::delete(inner, &inner.queue_url, handles).await
 }
 
 /// Approximate counts from `GetQueueAttributes`.

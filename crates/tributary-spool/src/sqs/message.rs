@@ -41,6 +41,8 @@ pub(super) struct Outgoing {
     pub appended_at_ms: u64,
     /// Set on dead letters.
     pub dead: Option<(String, u64)>,
+    /// Seconds before SQS delivers it (at most 900); 0 for at once.
+    pub delay_secs: i32,
 }
 
 impl Outgoing {
@@ -67,6 +69,9 @@ impl Outgoing {
             entry = entry
                 .message_attributes(REASON, string_attr(reason)?)
                 .message_attributes(DEAD_AT, number_attr(*at)?);
+        }
+        if self.delay_secs > 0 {
+            entry = entry.delay_seconds(self.delay_secs.min(900));
         }
         entry
             .build()
@@ -125,6 +130,7 @@ pub(super) fn encode(
                 route: payload.route.clone(),
                 appended_at_ms: now,
                 dead: None,
+                delay_secs: 0,
             })
         })
         .collect()
@@ -205,6 +211,7 @@ impl Received {
             route: self.route.clone(),
             appended_at_ms: self.appended_at_ms,
             dead,
+            delay_secs: 0,
         }
     }
 }

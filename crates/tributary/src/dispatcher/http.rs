@@ -6,9 +6,8 @@
 //!
 //! - [`HttpTransport`] is async and cheap to clone. [`HttpTransport::send`] is one logical
 //!   delivery of one body, retried per its [`RetryPolicy`];
-//!   [`HttpTransport::deliver_bisecting`] also isolates the visitors a `400` is about.
-//!   [`bisect`] is that algorithm over any list of items, for callers with their own items
-//!   (the relay splits merged payloads, not visitors).
+//!   [`HttpTransport::deliver_bisecting`] also isolates the visitors a `400` is about,
+//!   with [`crate::isolate`]'s rules: only a visitor refused alone is reported rejected.
 //! - [`HttpDispatcher`] is the synchronous [`EventDispatcher`] for the processor thread. It
 //!   runs the transport on a private thread with its own single-threaded tokio runtime, so
 //!   it can be built, used and dropped anywhere, inside an async runtime or not.
@@ -28,7 +27,6 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
 use std::io::Write;
 use std::ops::Range;
 use std::sync::Arc;
@@ -41,11 +39,10 @@ use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, Hea
 use tokio::sync::mpsc;
 
 use super::{DispatchError, EventDispatcher};
+pub use crate::isolate::{BisectOutcome, IsolationBudget, RejectedItem, Undelivered, bisect};
 use crate::log_event::LogEvent;
 use crate::raw::RawBatch;
-use crate::retry::{
-    Classification, RetryPolicy, classify, is_content_rejection, parse_retry_after,
-};
+use crate::retry::{Classification, RetryPolicy, classify, parse_retry_after};
 
 /// Longest excerpt of a response body kept in an error message.
 const MAX_MESSAGE_BYTES: usize = 512;
@@ -79,7 +76,9 @@ pub struct HttpConfig {
     pub retry: RetryPolicy,
     /// `User-Agent` header (default `tributary/<version>`).
     pub user_agent: String,
-    /// Most requests one bisection may make (default 64); see [`bisect`].
+    /// Most isolation requests one dispatch may make after a content refusal (default
+    /// 64; see [`crate::isolate`]). Visitors not isolated when it is spent are reported
+    /// undelivered ([`DispatchError::Incomplete`]), never rejected.
     pub max_bisect_requests: usize,
 }
 
@@ -330,7 +329,8 @@ impl HttpTransport {
         encoded: Option<&Bytes>,
     ) -> BisectOutcome {
         let n = batch.visitors().len();
-        let outcome = bisect(n, self.inner.max_bisect_requests, |range: Range<usize>| {
+        let budget = IsolationBudget::new(self.inner.max_bisect_requests);
+        let outcome = bisect(n, &budget, |range: Range<usize>| {
             let body = match encoded {
                 Some(b) if range == (0..n) => b.clone(),
                 _ => batch.slice(range).encode(),
@@ -458,219 +458,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    out
-}
-
-/// One item refused on its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RejectedItem {
-    /// Its index in the list given to [`bisect`].
-    pub index: usize,
-    /// The status it was refused with.
-    pub status: u16,
-    /// What the destination said.
-    pub message: String,
-}
-
-/// Items that were not delivered for a reason that is not theirs (the destination is down,
-/// or refuses everything: 401, 403, 404, ...). Trying them again later may work.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Undelivered {
-    /// The items, as ranges of indexes.
-    pub ranges: Vec<Range<usize>>,
-    /// The error that stopped delivery.
-    pub error: DispatchError,
-}
-
-/// What [`bisect`] did with each item: every index is in exactly one of `delivered`,
-/// `rejected` and `undelivered`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct BisectOutcome {
-    /// Items the destination accepted, as ascending ranges.
-    pub delivered: Vec<Range<usize>>,
-    /// Items refused for their content, ascending.
-    pub rejected: Vec<RejectedItem>,
-    /// Items not delivered for another reason; `None` when there are none.
-    pub undelivered: Option<Undelivered>,
-    /// Requests made.
-    pub requests: usize,
-}
-
-impl BisectOutcome {
-    /// How many items were delivered.
-    pub fn delivered_count(&self) -> usize {
-        self.delivered.iter().map(ExactSizeIterator::len).sum()
-    }
-
-    /// Whether every item was delivered.
-    pub fn is_complete(&self) -> bool {
-        self.rejected.is_empty() && self.undelivered.is_none()
-    }
-
-    /// The outcome as a dispatcher result for a batch of `total` items: the undelivered
-    /// error if any; else [`DispatchError::Permanent`] when every item was rejected, or
-    /// [`DispatchError::PartiallyRejected`] when some were delivered; else `Ok`.
-    pub fn into_result(self, total: usize) -> Result<(), DispatchError> {
-        if let Some(u) = self.undelivered {
-            return Err(u.error);
-        }
-        let Some(first) = self.rejected.first() else {
-            return Ok(());
-        };
-        if self.rejected.len() >= total {
-            Err(DispatchError::Permanent {
-                status: first.status,
-                message: first.message.clone(),
-            })
-        } else {
-            Err(DispatchError::PartiallyRejected {
-                rejected: self.rejected.len(),
-                total,
-                status: first.status,
-            })
-        }
-    }
-}
-
-/// A range waiting to be sent during a bisection.
-struct Pending {
-    range: Range<usize>,
-    /// The refusal of the group this range was split from.
-    group_error: Option<(u16, String)>,
-    /// The sibling sent before this one was delivered whole, so this one holds the bad
-    /// items: split it without sending it.
-    known_bad: bool,
-    /// This is a left half: if delivered whole, its right sibling (next on the stack) is
-    /// known bad.
-    left_half: bool,
-}
-
-/// Delivers `len` items through `send` (which sends the items in a range as one request,
-/// with its own retries) and isolates the items the destination refuses for their content.
-///
-/// The whole range is sent first. A [`DispatchError::Permanent`] whose status
-/// [`is_content_rejection`] (400, 413, 422) splits the range in halves, each sent in turn,
-/// until refused items are alone; they are reported rejected, the rest delivered. An item
-/// is reported rejected only after it was refused when sent alone. After a 400 or 422, when
-/// a left half is delivered its right sibling must hold the bad items and is split without
-/// being sent; after a 413 (too large, which both halves may not be) it is sent. Any other error (transient after retries, 401, 403, 404, ...) stops the
-/// bisection at once and reports the range and everything not yet sent as undelivered,
-/// so a down destination costs one failed delivery, not one per half.
-///
-/// Cost: with `k` refused items among `n`, at most `1 + 2·k·⌈log2 n⌉` requests. It is
-/// capped at `max_requests` (at least 1): when the cap is reached, items not yet settled are
-/// reported rejected with the refusal of their group, so one bad batch can never cost
-/// unbounded requests (they may include good items; an operator can retry them).
-///
-/// ```
-/// use tributary::DispatchError;
-/// use tributary::dispatcher::http::bisect;
-///
-/// // Items 3 and 12 of 16 are bad: the destination refuses any request containing them.
-/// let bad = [3usize, 12];
-/// let outcome = block_on(bisect(16, 64, |r: std::ops::Range<usize>| {
-///     let refuse = bad.iter().any(|b| r.contains(b));
-///     async move {
-///         if refuse { Err(DispatchError::Permanent { status: 400, message: "bad".into() }) }
-///         else { Ok(()) }
-///     }
-/// }));
-/// let rejected: Vec<_> = outcome.rejected.iter().map(|r| r.index).collect();
-/// assert_eq!(rejected, [3, 12]);
-/// assert_eq!(outcome.delivered_count(), 14);
-/// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
-/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
-/// # }
-/// ```
-pub async fn bisect<F, Fut>(len: usize, max_requests: usize, mut send: F) -> BisectOutcome
-where
-    F: FnMut(Range<usize>) -> Fut,
-    Fut: Future<Output = Result<(), DispatchError>>,
-{
-    let max_requests = max_requests.max(1);
-    let mut out = BisectOutcome::default();
-    let mut stack = vec![Pending {
-        range: 0..len,
-        group_error: None,
-        known_bad: false,
-        left_half: false,
-    }];
-    while let Some(task) = stack.pop() {
-        // Skipping the send of a half whose sibling passed is sound only when the refusal
-        // blames an item (400, 422): a 413 says "too big", and both halves may fit. And an
-        // item is never judged without being sent alone.
-        let inferable = task
-            .group_error
-            .as_ref()
-            .is_some_and(|(status, _)| *status != 413);
-        let (status, message) = if task.known_bad && inferable && task.range.len() > 1 {
-            task.group_error.clone().unwrap_or_default()
-        } else {
-            if out.requests >= max_requests {
-                // Out of requests: settle everything left as refused with its group.
-                for t in std::iter::once(task).chain(stack.drain(..).rev()) {
-                    let (status, message) = t.group_error.unwrap_or_default();
-                    let message = format!(
-                        "{message} (rejected with its group: bisection stopped after {max_requests} requests)"
-                    );
-                    out.rejected.extend(t.range.map(|index| RejectedItem {
-                        index,
-                        status,
-                        message: message.clone(),
-                    }));
-                }
-                break;
-            }
-            out.requests += 1;
-            match send(task.range.clone()).await {
-                Ok(()) => {
-                    if task.left_half
-                        && let Some(sibling) = stack.last_mut()
-                    {
-                        sibling.known_bad = true;
-                    }
-                    out.delivered.push(task.range);
-                    continue;
-                }
-                Err(DispatchError::Permanent { status, message })
-                    if is_content_rejection(status) && !task.range.is_empty() =>
-                {
-                    (status, message)
-                }
-                Err(error) => {
-                    let mut ranges = vec![task.range];
-                    ranges.extend(stack.drain(..).rev().map(|t| t.range));
-                    out.undelivered = Some(Undelivered { ranges, error });
-                    break;
-                }
-            }
-        };
-        let Range { start, end } = task.range;
-        if end - start == 1 {
-            out.rejected.push(RejectedItem {
-                index: start,
-                status,
-                message,
-            });
-            continue;
-        }
-        let mid = start + (end - start) / 2;
-        let group_error = Some((status, message));
-        stack.push(Pending {
-            range: mid..end,
-            group_error: group_error.clone(),
-            known_bad: false,
-            left_half: false,
-        });
-        stack.push(Pending {
-            range: start..mid,
-            group_error,
-            known_bad: false,
-            left_half: true,
-        });
-    }
-    // Ranges were settled left to right except when the cap or an error cut in.
-    out.rejected.sort_by_key(|r| r.index);
     out
 }
 
@@ -995,131 +782,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use std::cell::RefCell;
-
-    fn refuse(status: u16) -> DispatchError {
-        DispatchError::Permanent {
-            status,
-            message: "no".into(),
-        }
-    }
-
-    /// Runs `bisect` over `n` items against a fake destination that refuses any range
-    /// containing a bad item with `status`, recording the ranges sent.
-    fn run(n: usize, bad: &[usize], status: u16, cap: usize) -> (BisectOutcome, Vec<Range<usize>>) {
-        let sent = RefCell::new(Vec::new());
-        let fut = bisect(n, cap, |r: Range<usize>| {
-            sent.borrow_mut().push(r.clone());
-            let refused = bad.iter().any(|b| r.contains(b));
-            async move { if refused { Err(refuse(status)) } else { Ok(()) } }
-        });
-        let out = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(fut);
-        (out, sent.into_inner())
-    }
-
-    fn covered(out: &BisectOutcome) -> Vec<usize> {
-        let mut all: Vec<usize> = out.delivered.iter().cloned().flatten().collect();
-        all.extend(out.rejected.iter().map(|r| r.index));
-        if let Some(u) = &out.undelivered {
-            all.extend(u.ranges.iter().cloned().flatten());
-        }
-        all.sort_unstable();
-        all
-    }
-
-    #[test]
-    fn isolates_bad_items_and_delivers_each_good_one_once() {
-        for n in [1usize, 2, 3, 7, 16, 33, 100] {
-            for bad in [vec![], vec![0], vec![n - 1], vec![0, n / 2, n - 1]] {
-                let mut bad = bad;
-                bad.dedup();
-                let (out, sent) = run(n, &bad, 400, 1000);
-                let rejected: Vec<_> = out.rejected.iter().map(|r| r.index).collect();
-                let mut expect = bad.clone();
-                expect.sort_unstable();
-                expect.dedup();
-                assert_eq!(rejected, expect, "n={n} bad={bad:?}");
-                assert_eq!(out.delivered_count(), n - expect.len());
-                assert_eq!(covered(&out), (0..n).collect::<Vec<_>>());
-                assert_eq!(out.requests, sent.len());
-                // Every good item went out in exactly one delivered request.
-                let log2 = usize::BITS - (n.max(2) - 1).leading_zeros();
-                assert!(
-                    out.requests <= 1 + 2 * expect.len() * log2 as usize,
-                    "n={n} requests={}",
-                    out.requests
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_size_refusal_is_split_until_the_parts_fit_and_rejects_nothing() {
-        // The destination takes at most 3 items a request, whichever they are.
-        let fut = bisect(16, 64, |r: Range<usize>| async move {
-            if r.len() > 3 {
-                Err(DispatchError::Permanent {
-                    status: 413,
-                    message: "too large".into(),
-                })
-            } else {
-                Ok(())
-            }
-        });
-        let out = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(fut);
-        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
-        assert_eq!(out.delivered_count(), 16);
-    }
-
-    #[test]
-    fn a_single_bad_item_costs_about_log2_n_requests() {
-        let (out, _) = run(16, &[5], 400, 1000);
-        assert_eq!(out.rejected.len(), 1);
-        // Full, then one half per level; right siblings of delivered halves are never sent.
-        assert!(out.requests <= 1 + 2 * 4, "{}", out.requests);
-    }
-
-    #[test]
-    fn non_content_errors_stop_the_bisection() {
-        let (out, sent) = run(8, &[2], 401, 1000);
-        assert_eq!(sent.len(), 1);
-        assert!(out.rejected.is_empty() && out.delivered.is_empty());
-        let u = out.undelivered.unwrap();
-        assert_eq!(u.ranges, vec![0..8]);
-        assert_eq!(u.error, refuse(401));
-    }
-
-    #[test]
-    fn the_request_cap_settles_the_rest_as_rejected() {
-        let bad: Vec<usize> = (0..64).collect();
-        let (out, sent) = run(64, &bad, 400, 10);
-        assert_eq!(sent.len(), 10);
-        assert_eq!(out.rejected.len(), 64);
-        assert_eq!(covered(&out), (0..64).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn into_result_maps_outcomes() {
-        let (out, _) = run(4, &[1], 400, 100);
-        assert_eq!(
-            out.into_result(4),
-            Err(DispatchError::PartiallyRejected {
-                rejected: 1,
-                total: 4,
-                status: 400
-            })
-        );
-        let (out, _) = run(1, &[0], 400, 100);
-        assert_eq!(out.into_result(1), Err(refuse(400)));
-        let (out, _) = run(3, &[], 400, 100);
-        assert_eq!(out.into_result(3), Ok(()));
-    }
 
     #[test]
     fn futures_are_send() {

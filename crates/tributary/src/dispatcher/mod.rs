@@ -72,6 +72,25 @@ pub enum DispatchError {
         /// The status they were refused with.
         status: u16,
     },
+    /// Part of the request was settled and part was not: some visitors were delivered or
+    /// refused alone, the others were not delivered because the destination failed
+    /// part-way or the isolation budget ran out before the refused ones were found. The
+    /// undelivered visitors were never judged bad.
+    #[error(
+        "{delivered} of {total} visitors delivered, {rejected} rejected, {undelivered} not delivered: {reason}"
+    )]
+    Incomplete {
+        /// Visitors delivered.
+        delivered: usize,
+        /// Visitors refused alone.
+        rejected: usize,
+        /// Visitors neither delivered nor refused.
+        undelivered: usize,
+        /// Visitors in the request.
+        total: usize,
+        /// Why the rest was not delivered.
+        reason: String,
+    },
     /// The dispatcher cannot work at all (bad configuration, shut down).
     #[error("dispatcher unavailable: {0}")]
     Unavailable(String),
@@ -87,6 +106,7 @@ impl DispatchError {
     pub fn delivered_of(&self, total: usize) -> usize {
         match self {
             DispatchError::PartiallyRejected { rejected, .. } => total.saturating_sub(*rejected),
+            DispatchError::Incomplete { delivered, .. } => (*delivered).min(total),
             _ => 0,
         }
     }
