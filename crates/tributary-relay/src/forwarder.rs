@@ -513,8 +513,8 @@ struct Delivery {
 #[derive(Clone)]
 enum Fate {
     Delivered,
+    /// Refused alone; what the upstream said (it names the status).
     Rejected {
-        status: u16,
         message: String,
     },
     /// Not isolated before the budget ran out: in a refused group of this many visitors.
@@ -618,10 +618,10 @@ impl Delivery {
             for (visitor, fate) in raw.visitors()[range].iter().zip(mine) {
                 match fate {
                     Fate::Delivered => delivered += 1,
-                    Fate::Rejected { status, message } => {
+                    Fate::Rejected { message, .. } => {
                         dead.push((
                             one_visitor(&l.payload, visitor),
-                            format!("upstream answered {status}: {message}"),
+                            format!("refused alone by the upstream: {message}"),
                         ));
                     }
                     Fate::Unresolved(_) | Fate::Undelivered => rest.push(visitor.clone()),
@@ -710,7 +710,6 @@ fn fates(n: usize, outcome: &BisectOutcome) -> Vec<Fate> {
     for r in &outcome.rejected {
         if let Some(f) = fates.get_mut(r.index) {
             *f = Fate::Rejected {
-                status: r.status,
                 message: r.message.clone(),
             };
         }

@@ -101,9 +101,10 @@ impl Reply {
 
 /// How the upstream answers every request.
 ///
-/// For each request, in this order: a body containing the poison marker gets the poison
-/// reply; else the next queued reply is used up; else, with a failure rate set, a seeded
-/// pseudo-random share of requests gets the failure reply; else the default reply (`204`).
+/// For each request, in this order: a body containing the poison marker, or an event whose
+/// uuid starts with the refused prefix, gets the poison reply; else the next queued reply is
+/// used up; else, with a failure rate set, a seeded pseudo-random share of requests gets one
+/// of the failure replies; else the default reply (`204`).
 ///
 /// ```
 /// use tributary_testkit::{Reply, Script};
@@ -120,13 +121,14 @@ pub struct Script {
     default: Reply,
     fail: Option<FailRate>,
     poison: Option<(Vec<u8>, Reply)>,
+    uuid_prefix: Option<(String, Reply)>,
 }
 
 #[derive(Debug, Clone)]
 struct FailRate {
     percent: u8,
     seed: u64,
-    reply: Reply,
+    replies: Vec<Reply>,
 }
 
 impl Default for Script {
@@ -143,6 +145,7 @@ impl Script {
             default: Reply::no_content(),
             fail: None,
             poison: None,
+            uuid_prefix: None,
         }
     }
 
@@ -167,12 +170,25 @@ impl Script {
     /// Answers `reply` to `percent`% of the requests that reach the default, picked by a
     /// pseudo-random sequence seeded with `seed`: the same seed fails the same request
     /// numbers on every run.
-    pub fn fail_rate(mut self, percent: u8, seed: u64, reply: Reply) -> Self {
+    pub fn fail_rate(self, percent: u8, seed: u64, reply: Reply) -> Self {
+        self.fail_mix(percent, seed, vec![reply])
+    }
+
+    /// Like [`Script::fail_rate`], each failing request getting one of `replies` (picked by
+    /// the same seeded sequence): a 503 here, a reset connection there.
+    pub fn fail_mix(mut self, percent: u8, seed: u64, replies: Vec<Reply>) -> Self {
         self.fail = Some(FailRate {
             percent: percent.min(100),
             seed,
-            reply,
+            replies,
         });
+        self
+    }
+
+    /// Answers `reply` to any request holding an event whose `uuid` starts with `prefix`,
+    /// the way the Event API refuses a whole request for one bad event.
+    pub fn reject_uuid_prefix(mut self, prefix: impl Into<String>, reply: Reply) -> Self {
+        self.uuid_prefix = Some((prefix.into(), reply));
         self
     }
 
@@ -190,13 +206,23 @@ impl Script {
         {
             return reply.clone();
         }
+        if let Some((prefix, reply)) = &self.uuid_prefix
+            && crate::event_uuids(body)
+                .iter()
+                .any(|u| u.starts_with(prefix.as_str()))
+        {
+            return reply.clone();
+        }
         if let Some(reply) = self.queue.pop_front() {
             return reply;
         }
         if let Some(f) = &self.fail
-            && splitmix64(f.seed ^ splitmix64(seq)) % 100 < u64::from(f.percent)
+            && let roll = splitmix64(f.seed ^ splitmix64(seq))
+            && roll % 100 < u64::from(f.percent)
+            && !f.replies.is_empty()
         {
-            return f.reply.clone();
+            let pick = (roll / 100) as usize % f.replies.len();
+            return f.replies[pick].clone();
         }
         self.default.clone()
     }
@@ -226,6 +252,26 @@ mod tests {
         assert_eq!(s.next_reply(0, b"a bad body").status_code(), Some(400));
         assert_eq!(s.next_reply(1, b"ok").status_code(), Some(500));
         assert_eq!(s.next_reply(2, b"ok").status_code(), Some(204));
+    }
+
+    #[test]
+    fn a_refused_uuid_prefix_refuses_the_whole_request() {
+        let mut s = Script::new().reject_uuid_prefix("00", Reply::status(400));
+        let body = br#"{"visitors":[{"snapshots":[{"events":[{"uuid":"ab"},{"uuid":"00f"}]}]}]}"#;
+        assert_eq!(s.next_reply(0, body).status_code(), Some(400));
+        let good = br#"{"visitors":[{"snapshots":[{"events":[{"uuid":"0a"}]}]}]}"#;
+        assert_eq!(s.next_reply(1, good).status_code(), Some(204));
+    }
+
+    #[test]
+    fn a_failure_mix_uses_every_reply() {
+        let mut s = Script::new().fail_mix(50, 3, vec![Reply::status(503), Reply::reset()]);
+        let answers: Vec<_> = (0..400)
+            .map(|i| s.next_reply(i, b"").status_code())
+            .collect();
+        assert!(answers.contains(&Some(503)));
+        assert!(answers.contains(&None));
+        assert!(answers.contains(&Some(204)));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 """Drives the official Optimizely Python SDK against a Tributary relay, for the end-to-end tests.
 
-    python sdk_client.py RELAY_URL DATAFILE USERS [--batch-size N]
+    python sdk_client.py RELAY_URL DATAFILE USERS [--batch-size N] [--queue-size N]
 
 For each of USERS users it calls ``decide('checkout_redesign')`` and ``track('purchase')``.
 Events go through the SDK's own event processor (its default, or a
@@ -11,6 +11,7 @@ object: the uuid of every event the relay acknowledged, and how many requests fa
 import argparse
 import json
 import os
+import queue
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,6 +47,9 @@ def main():
     parser.add_argument("datafile")
     parser.add_argument("users", type=int)
     parser.add_argument("--batch-size", type=int, default=0)
+    # The SDK's own queue holds 1,000 events and drops the rest silently; a test that
+    # counts every event gives it room.
+    parser.add_argument("--queue-size", type=int, default=0)
     args = parser.parse_args()
 
     with open(args.datafile) as f:
@@ -53,8 +57,14 @@ def main():
     dispatcher = RecordingRelayDispatcher(args.relay_url)
     processor = None
     if args.batch_size:
+        event_queue = queue.Queue(maxsize=args.queue_size) if args.queue_size else None
         processor = event_processor.BatchEventProcessor(
-            dispatcher, batch_size=args.batch_size, flush_interval=1, start_on_init=True
+            dispatcher,
+            batch_size=args.batch_size,
+            flush_interval=1,
+            start_on_init=True,
+            event_queue=event_queue,
+            timeout_interval=60,
         )
     client = optimizely.Optimizely(
         datafile=datafile, event_dispatcher=dispatcher, event_processor=processor

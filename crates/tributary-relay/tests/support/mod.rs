@@ -298,3 +298,88 @@ pub fn payload(revision: &str, uuids: &[String]) -> String {
 pub fn uuids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:06}")).collect()
 }
+
+/// `GET url`; returns the status and the body (status 0: no answer, the error in the body).
+pub fn get(url: &str) -> (u16, String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        match reqwest::get(url).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    })
+}
+
+/// The value of an unlabelled Prometheus sample `name` in `metrics` text (0 when absent).
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Runs `python sdk_client.py RELAY DATAFILE USERS [--batch-size N]` (the official SDK);
+/// returns the uuids the relay acknowledged.
+pub fn python_sdk_events(relay_url: &str, users: usize, batch_size: usize) -> Vec<String> {
+    let datafile = shared_fixtures().join("datafile.json");
+    let script = repo_root().join("crates/tributary-relay/tests/python/sdk_client.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(relay_url)
+        .arg(&datafile)
+        .arg(users.to_string())
+        .arg("--batch-size")
+        .arg(batch_size.to_string())
+        .arg("--queue-size")
+        .arg((users * 2 + 100).to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sdk client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["failed"], 0, "the relay refused SDK requests");
+    report["acked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `tributary spool audit --spool SPOOL`: panics unless it exits 0 and balances; returns the
+/// audit as JSON.
+pub fn audit_balances(spool: &str) -> serde_json::Value {
+    let (code, out, err) = run_cli(&["spool", "audit", "--spool", spool]);
+    assert_eq!(code, 0, "spool audit failed:\n{out}\n{err}");
+    let audit: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(audit["balanced"], true, "{audit}");
+    audit
+}
+
+/// Every dead letter of the spool, with its body.
+pub fn dead_letters(spool: &str) -> Vec<serde_json::Value> {
+    let (code, out, err) = run_cli(&[
+        "spool",
+        "dead-letters",
+        "list",
+        "--spool",
+        spool,
+        "--with-body",
+        "--limit",
+        "1000000",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
