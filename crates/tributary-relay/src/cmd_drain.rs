@@ -67,6 +67,7 @@ pub fn run(args: DrainArgs) -> anyhow::Result<ExitCode> {
                 "{}",
                 serde_json::json!({ "summary": summary, "spool": stats })
             );
+            let _ = spool.close().await;
             let clean = summary.payloads_retried == 0 && summary.payloads_dead == 0;
             return Ok(if clean {
                 ExitCode::SUCCESS
@@ -82,6 +83,7 @@ pub fn run(args: DrainArgs) -> anyhow::Result<ExitCode> {
         // A cycle in progress finishes its sends; bounded by the request timeout.
         let _ =
             tokio::time::timeout(config.request_timeout * 6 + Duration::from_secs(1), task).await;
+        let _ = spool.close().await;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -169,6 +169,9 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
         ),
         Err(e) => tracing::warn!(error = %e, "relay stopped; spool stats unavailable"),
     }
+    if let Err(e) = spool.close().await {
+        tracing::warn!(error = %e, "could not close the spool cleanly; it recovers on the next start");
+    }
     Ok(())
 }
 

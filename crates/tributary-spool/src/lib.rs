@@ -231,6 +231,13 @@ pub trait Spool: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// Finishes what is queued and closes the spool cleanly (the SQLite spool checkpoints
+    /// its WAL into the database file). Later calls fail with [`SpoolError::Closed`]. The
+    /// default does nothing.
+    async fn close(&self) -> Result<(), SpoolError> {
+        Ok(())
+    }
+
     /// Whether the spool can take appends now, without writing anything: `Err` says why
     /// not (a full disk, a damaged file). The default asks for [`Spool::stats`].
     async fn check_ready(&self) -> Result<(), SpoolError> {

@@ -299,7 +299,7 @@ impl SqliteSpool {
 
     /// Finishes the commands already queued, then closes the database (checkpointing the
     /// WAL). Later calls on this handle fail with [`SpoolError::Closed`]. Dropping the handle
-    /// does the same without waiting.
+    /// does the same without waiting. (Also [`Spool::close`].)
     pub async fn close(&self) -> Result<(), SpoolError> {
         let (reply, done) = oneshot::channel();
         self.tx
@@ -454,6 +454,10 @@ impl Spool for SqliteSpool {
 
     async fn check_ready(&self) -> Result<(), SpoolError> {
         self.call(Command::CheckReady).await
+    }
+
+    async fn close(&self) -> Result<(), SpoolError> {
+        SqliteSpool::close(self).await
     }
 
     async fn totals(&self) -> Result<Option<SpoolTotals>, SpoolError> {

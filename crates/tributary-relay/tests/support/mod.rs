@@ -8,7 +8,6 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,20 +156,24 @@ impl RelayProcess {
         self.wait_exit(timeout)
     }
 
-    /// Waits for the process to exit by itself, up to `timeout`.
+    /// Waits for the process to exit by itself, up to `timeout`; past it, kills it and
+    /// fails the test with its log.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let (tx, rx) = mpsc::channel();
-        let mut child = self.child.take().unwrap();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait().map(|s| (s, child)));
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(Ok((status, _))) => status,
-            Ok(Err(e)) => panic!("wait failed: {e}"),
-            Err(_) => panic!(
-                "process did not exit within {timeout:?}:\n{}",
-                self.log_text()
-            ),
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().unwrap();
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                panic!(
+                    "process did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

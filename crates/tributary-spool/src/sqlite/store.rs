@@ -25,6 +25,10 @@ use crate::{
 /// the conservation totals and the spool's clock to `totals`.
 const SCHEMA_VERSION: i64 = 2;
 
+/// Readiness asks for room for a request of this size (64 KiB) beyond the reserve, so that a
+/// relay that just refused a request for lack of space does not call itself ready.
+const READY_MARGIN: u64 = 64 << 10;
+
 /// The reason of [`SpoolError::Full`] when the file system itself is full.
 pub(super) const DISK_FULL: &str = "disk full";
 
@@ -294,6 +298,8 @@ pub(super) struct Store {
     reserve_bytes: u64,
     retention: Duration,
     page_size: u64,
+    /// Free pages can be given back to the file system (spools created since format 2).
+    incremental_vacuum: bool,
     clock: SpoolClock,
     /// Set when an operation found the file damaged: from then on nothing is appended
     /// (a 2xx into a spool that cannot be forwarded from would be a lie).
@@ -317,7 +323,8 @@ impl Store {
         // An existing file is first proven to be a readable spool through a read-only
         // connection: a read-write one would write to it (the journal mode) and, when
         // closed, checkpoint its WAL into it, changing a file we are about to refuse.
-        if path.exists() {
+        let existed = path.exists();
+        if existed {
             precheck(path, config).map_err(damaged)?;
         }
         let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -327,6 +334,13 @@ impl Store {
         let conn = Connection::open_with_flags(path, flags)
             .map_err(|e| SpoolError::Storage(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(config.busy_timeout).map_err(storage)?;
+        if !existed {
+            // A new spool gives the pages of delivered payloads back to the file system when
+            // the disk runs low (see `Store::give_back`); SQLite allows switching this on
+            // only before the file is first written.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(storage)?;
+        }
         // WAL: readers (the CLI, stats) never block the writer and a crash at any point
         // leaves the last committed transaction intact.
         let mode: String = conn
@@ -340,6 +354,7 @@ impl Store {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(storage)?;
+
         let sync = match config.sync {
             SyncMode::Full => "FULL",
             SyncMode::Normal => "NORMAL",
@@ -359,6 +374,9 @@ impl Store {
         let page_size: i64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(storage)?;
+        let auto_vacuum: i64 = conn
+            .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+            .map_err(storage)?;
 
         let mut store = Store {
             conn,
@@ -368,6 +386,7 @@ impl Store {
             reserve_bytes: config.reserve_bytes,
             retention: config.retention,
             page_size: to_u64(page_size),
+            incremental_vacuum: auto_vacuum == 2,
             clock: SpoolClock::new(config.clock.clone(), 0),
             damaged: None,
         };
@@ -416,6 +435,10 @@ impl Store {
         &mut self,
         op: impl Fn(&mut Store) -> Result<T, SpoolError>,
     ) -> Result<T, SpoolError> {
+        if self.room() < self.reserve_bytes.saturating_mul(2) {
+            // Low on space: start from an empty WAL.
+            self.checkpoint();
+        }
         let result = match op(self) {
             Err(e) if is_disk_full(&e) => {
                 tracing::warn!("spool file system full; checkpointing the WAL and trying again");
@@ -425,31 +448,81 @@ impl Store {
             other => other,
         };
         if result.is_ok() && self.room() < self.reserve_bytes.saturating_mul(2) {
-            // Low on space: keep the WAL small so that what acks free comes back at once.
+            // Low on space: keep the WAL small and give the pages of what was delivered back
+            // to the file system, so that ingest can resume by itself.
             self.checkpoint();
+            self.give_back();
         }
         result.map_err(|e| self.classify(e))
     }
 
     /// Moves the WAL into the database and truncates it.
     fn checkpoint(&mut self) {
-        if let Err(e) = self
+        match self
             .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+            Ok(0) => {}
+            Ok(_) => tracing::debug!("WAL checkpoint could not finish (a reader holds it)"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
+        tracing::debug!(room = self.room(), "checkpointed");
     }
 
-    /// Bytes the spool can still grow into: free space on its file system plus the free
-    /// pages inside the database, which SQLite reuses before it grows the file.
-    fn room(&self) -> u64 {
+    /// Returns free pages of the database to the file system (`incremental_vacuum`), as many
+    /// as a quarter of the free space can carry through the WAL, then resets the WAL.
+    fn give_back(&mut self) {
+        if !self.incremental_vacuum {
+            return;
+        }
+        let free_pages: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .unwrap_or(0);
+        let budget = (self.fs_free() / 4) / self.page_size.max(1);
+        let pages = to_u64(free_pages).min(budget);
+        if pages == 0 {
+            return;
+        }
+        let vacuum = format!("PRAGMA incremental_vacuum({pages})");
+        // The pragma returns a row per page; run it to the end.
+        let done = self.conn.prepare(&vacuum).and_then(|mut s| {
+            let mut rows = s.query([])?;
+            while rows.next()?.is_some() {}
+            Ok(())
+        });
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not give free pages back to the file system");
+        }
+        self.checkpoint();
+    }
+
+    /// Free bytes of the spool's file system, less the WAL (every WAL write needs real disk
+    /// space, whatever the database has free inside).
+    fn fs_free(&self) -> u64 {
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let fs_free = match rustix::fs::statvfs(dir) {
+        let free = match rustix::fs::statvfs(dir) {
             Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
-            // Unknown: do not refuse on a guess; SQLITE_FULL still stops appends.
             Err(_) => return u64::MAX,
         };
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        free.saturating_sub(std::fs::metadata(&wal).map_or(0, |m| m.len()))
+    }
+
+    /// Bytes the spool can still grow into: free space on its file system, less the WAL (a
+    /// checkpoint may copy every page of it into the database, and must never be the write
+    /// that fills the disk, or the WAL could not be reset and nothing could be freed). A
+    /// spool that cannot give free pages back (created before format 2) also counts them,
+    /// since it reuses them before it grows.
+    fn room(&self) -> u64 {
+        // Unknown free space (statvfs failed) is u64::MAX: do not refuse on a guess;
+        // SQLITE_FULL still stops appends.
+        let fs_free = self.fs_free();
+        if self.incremental_vacuum {
+            return fs_free;
+        }
         let free_pages: i64 = self
             .conn
             .pragma_query_value(None, "freelist_count", |r| r.get(0))
@@ -479,9 +552,9 @@ impl Store {
         })
     }
 
-    /// Whether appends would be taken now, and whether the file reads.
+    /// Whether appends of a usual size would be taken now, and whether the file reads.
     pub(super) fn check_ready(&mut self) -> Result<(), SpoolError> {
-        if let Some(e) = self.refusal(0) {
+        if let Some(e) = self.refusal(READY_MARGIN) {
             return Err(e);
         }
         let read = self
@@ -589,6 +662,18 @@ impl Store {
         if max_payloads == 0 {
             return Ok(Vec::new());
         }
+        // A lease rewrites the pages of what it leases into the WAL, and the acks that follow
+        // rewrite them again before a checkpoint can reset it: on a nearly full disk, lease
+        // no more than a quarter of the room left, so delivery can always go on (at least
+        // one payload, whatever its size, as ever).
+        let room = self.room();
+        let max_bytes = if room < self.reserve_bytes.saturating_mul(4) {
+            let cut = max_bytes.min(usize::try_from(room / 4).unwrap_or(usize::MAX));
+            tracing::debug!(room, max_bytes = cut, "low on disk space: leasing less");
+            cut
+        } else {
+            max_bytes
+        };
         let now = self.clock.now_ms();
         let until = now.saturating_add(ms(lease_for));
         let tx = self.begin().map_err(storage)?;
