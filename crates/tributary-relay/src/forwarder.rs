@@ -201,6 +201,16 @@ impl Forwarder {
             };
             let (summary, _) = result?;
             total.add(summary);
+            if summary.events_unresolved > 0 {
+                // Isolation ran out of budget and released the rest as suspect: it is
+                // visible again after the suspect delay; wait for it rather than stop.
+                let pause = self.config.suspect_delay;
+                if Instant::now() + pause >= deadline {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                continue;
+            }
             if summary.leased == 0 {
                 break;
             }

@@ -214,7 +214,14 @@ fn three_kill_9s_against_a_flaky_upstream_lose_nothing_acknowledged() {
     drop(relay);
     integrity_ok(&spool);
     let audit = audit_balances(&spool_s);
-    assert_eq!(audit["totals"]["events"]["accepted"], acked.len());
+    // A request committed just before a kill has no answer for its client: the spool may
+    // hold a few events more than were acknowledged, never fewer.
+    let accepted = audit["totals"]["events"]["accepted"].as_u64().unwrap() as usize;
+    assert!(
+        (acked.len()..=acked.len() + 3 * 5).contains(&accepted),
+        "accepted {accepted}, acknowledged {}",
+        acked.len()
+    );
     assert_eq!(audit["totals"]["events"]["dead"], 0);
 }
 
@@ -276,7 +283,10 @@ fn a_damaged_or_foreign_spool_file_is_refused_and_kept() {
     for keep_wal in [false, true] {
         let live = dir.path().join(format!("live-{keep_wal}"));
         let live_s = live.to_str().unwrap().to_owned();
-        let mut relay = RelayProcess::serve(&relay_args(&upstream.url(), &live_s, &[]));
+        // Ingest only: a forwarder would keep rewriting every page into the WAL (lease,
+        // release), and a WAL that holds every page makes the cut file whole again.
+        let mut relay =
+            RelayProcess::serve(&relay_args(&upstream.url(), &live_s, &["--no-forward"]));
         let post_some = |from: usize| {
             for i in from..from + 150 {
                 let batch = uuids(&format!("c{i}"), 10);

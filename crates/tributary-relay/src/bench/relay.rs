@@ -49,6 +49,11 @@ pub struct SinkArgs {
     /// Exit once this many events (visitors) were received, printing the rate.
     #[arg(long)]
     pub expect_events: Option<u64>,
+    /// Refuse with 400, as the Event API does, every request holding an event whose number
+    /// (the last 12 hex digits of the uuids `bench relay` sends) is a multiple of N: one
+    /// event in N is bad. 0: refuse nothing.
+    #[arg(long, default_value_t = 0)]
+    pub refuse_one_in: u64,
 }
 
 /// A realistic payload: the shape the Python SDK sends for a conversion, `n` visitors.
@@ -229,6 +234,8 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
 struct SinkState {
     requests: AtomicU64,
     events: AtomicU64,
+    refused: AtomicU64,
+    refuse_one_in: u64,
     first_at: std::sync::OnceLock<Instant>,
 }
 
@@ -238,7 +245,10 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let state = Arc::new(SinkState::default());
+        let state = Arc::new(SinkState {
+            refuse_one_in: args.refuse_one_in,
+            ..SinkState::default()
+        });
         let app = axum::Router::new()
             .route("/v1/events", post(sink))
             .route("/eu/v1/events", post(sink))
@@ -263,6 +273,7 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
                     serde_json::json!({
                         "events": events,
                         "requests": state.requests.load(Ordering::Relaxed),
+                        "refused_requests": state.refused.load(Ordering::Relaxed),
                         "seconds": secs,
                         "events_per_sec": events as f64 / secs.max(1e-9),
                     })
@@ -278,11 +289,38 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Answers 204; counts visitors by parsing only the top level.
+/// Answers 204 (or 400 for a request holding a bad event, with `--refuse-one-in`); counts
+/// the visitors it accepted by parsing only the top level.
 async fn sink(State(state): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
     let _ = state.first_at.set(Instant::now());
-    let n = tributary::RawBatch::parse(body).map_or(0, |b| b.visitors().len() as u64);
     state.requests.fetch_add(1, Ordering::Relaxed);
+    if state.refuse_one_in > 0 && holds_bad_event(&body, state.refuse_one_in) {
+        state.refused.fetch_add(1, Ordering::Relaxed);
+        return StatusCode::BAD_REQUEST;
+    }
+    let n = tributary::RawBatch::parse(body).map_or(0, |b| b.visitors().len() as u64);
     state.events.fetch_add(n, Ordering::Relaxed);
     StatusCode::NO_CONTENT
+}
+
+/// Whether `body` holds a `"uuid"` whose last 12 hex digits are a multiple of `n`.
+fn holds_bad_event(body: &[u8], n: u64) -> bool {
+    const KEY: &[u8] = b"\"uuid\":\"";
+    let mut rest = body;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let Some(end) = rest.iter().position(|&b| b == b'"') else {
+            break;
+        };
+        let uuid = &rest[..end];
+        let tail = &uuid[uuid.len().saturating_sub(12)..];
+        if let Some(number) = std::str::from_utf8(tail)
+            .ok()
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+            && number % n == 0
+        {
+            return true;
+        }
+    }
+    false
 }
