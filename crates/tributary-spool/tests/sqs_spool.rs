@@ -423,3 +423,51 @@ async fn two_spools_leasing_at_once_never_share_a_message() {
     let duplicates = x.len() + y.len() - 200;
     assert!(duplicates <= 10, "{duplicates} messages leased twice");
 }
+
+#[tokio::test]
+async fn a_partial_settlement_requeues_the_rest_and_dead_letters_each_refused_visitor() {
+    let name = queues("settle-parts");
+    let spool = open(&name).await;
+    spool
+        .append(vec![payload("eu", "9", "sp", 4, 10)])
+        .await
+        .unwrap();
+    let leased = lease_all(&spool, 1).await;
+    assert_eq!(leased.len(), 1);
+    let batch = leased[0].payload.to_batch().unwrap();
+    let part = |range: std::ops::Range<usize>| {
+        let visitors = batch.visitors()[range].to_vec();
+        Payload::from_batch(
+            "eu",
+            &RawBatch::from_parts(batch.header().clone(), visitors),
+        )
+    };
+    // Visitor 0 delivered, 1 refused alone, 2 and 3 still to send.
+    spool
+        .settle_parts(vec![tributary_spool::PartialSettlement {
+            receipt: leased[0].receipt.clone(),
+            delivered_events: 1,
+            dead: vec![(part(1..2), "refused alone by the upstream: HTTP 400".into())],
+            remainder: Some(part(2..4)),
+            delay: Duration::ZERO,
+        }])
+        .await
+        .unwrap();
+    let rest = lease_all(&spool, 1).await;
+    let mut got = visitors(&rest);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("sp-2".to_owned(), "eu".to_owned()),
+            ("sp-3".to_owned(), "eu".to_owned())
+        ]
+    );
+    assert_eq!(rest[0].payload.header, leased[0].payload.header);
+    let dead = spool.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload.visitor_count, 1);
+    assert_eq!(dead[0].payload.route, "eu");
+    assert_eq!(dead[0].reason, "refused alone by the upstream: HTTP 400");
+    assert_eq!(dead[0].appended_at_ms, leased[0].appended_at_ms);
+}

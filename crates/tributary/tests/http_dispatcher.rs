@@ -355,6 +355,52 @@ fn a_400_batch_is_bisected_to_the_poison_visitors() {
 }
 
 #[test]
+fn a_spent_isolation_budget_reports_the_rest_undelivered_never_rejected() {
+    let upstream = RecordingUpstream::start_with(
+        Script::new().reject_containing(POISON, Reply::status(400).body("bad event key")),
+    );
+    let (b, seen) = with_hook(builder().max_bisect_requests(3));
+    let d = b.build().unwrap();
+    let ev = log_event(&upstream.url(), 16, &[1, 6, 9, 14]);
+    let err = d.dispatch(&ev).unwrap_err();
+    let DispatchError::Incomplete {
+        delivered,
+        rejected,
+        undelivered,
+        total,
+        ..
+    } = err.clone()
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(total, 16);
+    assert_eq!(delivered + rejected + undelivered, 16);
+    assert!(undelivered > 0, "{err}");
+    assert_eq!(err.delivered_of(16), delivered);
+    assert_eq!(
+        upstream.request_count(),
+        4,
+        "the whole, then the budget of 3"
+    );
+    // Whatever the hook was told was refused was sent alone and refused.
+    let alone: Vec<Vec<String>> = upstream
+        .requests()
+        .iter()
+        .filter(|r| !r.is_success())
+        .map(|r| r.event_uuids())
+        .filter(|u| u.len() == 1)
+        .collect();
+    let seen = seen.lock().unwrap();
+    let told: usize = seen.iter().map(|r| r.visitors.len()).sum();
+    assert_eq!(told, rejected);
+    for r in seen.iter() {
+        for v in &r.visitors {
+            assert!(alone.contains(&vec![format!("uuid-{}", v.index)]), "{v:?}");
+        }
+    }
+}
+
+#[test]
 fn a_batch_of_only_poison_is_permanent() {
     let upstream =
         RecordingUpstream::start_with(Script::new().reject_containing(POISON, Reply::status(400)));
