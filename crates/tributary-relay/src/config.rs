@@ -119,7 +119,7 @@ pub struct RelaySettings {
     pub spool_sync: Option<SyncMode>,
 
     /// Bearer tokens clients must present (`Authorization: Bearer T`), comma-separated.
-    /// Empty: no authentication [default: none].
+    /// A blank token is refused at start [default: none: no authentication].
     #[arg(
         long,
         env = "TRIBUTARY_AUTH_TOKENS",
@@ -127,6 +127,11 @@ pub struct RelaySettings {
         value_delimiter = ','
     )]
     pub auth_tokens: Option<Vec<String>>,
+
+    /// File of bearer tokens, one per line (blank lines and lines starting with `#` are
+    /// skipped), instead of or beside --auth-tokens: keeps them off the command line.
+    #[arg(long, env = "TRIBUTARY_AUTH_TOKENS_FILE", value_name = "FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
 
     /// How long shutdown keeps forwarding before it exits [default: 10s]. What is left stays
     /// spooled for the next start.
@@ -221,6 +226,14 @@ pub struct RelayConfig {
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file is too large or not a regular file.
+    #[error("config file {path}: {message}")]
+    Unfit {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
@@ -250,9 +263,15 @@ pub enum ConfigError {
 impl RelaySettings {
     /// Reads a TOML file of settings (kebab-case keys, as the flags without `--`).
     pub fn from_file(path: &Path) -> Result<RelaySettings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = read_small(path, "config file").map_err(|e| match e {
+            Small::Io(source) => ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            },
+            Small::Unfit(message) => ConfigError::Unfit {
+                path: path.to_owned(),
+                message,
+            },
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
@@ -331,14 +350,10 @@ impl RelaySettings {
                 .spool_sync
                 .or(file.spool_sync)
                 .unwrap_or(SyncMode::Full),
-            auth_tokens: self
-                .auth_tokens
-                .or(file.auth_tokens)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty())
-                .collect(),
+            auth_tokens: auth_tokens(
+                self.auth_tokens.or(file.auth_tokens),
+                self.auth_tokens_file.or(file.auth_tokens_file).as_deref(),
+            )?,
             shutdown_grace: pick_d(
                 self.shutdown_grace,
                 file.shutdown_grace,
@@ -369,6 +384,106 @@ impl RelaySettings {
     }
 }
 
+/// Most bytes a config or token file may have: such files are small, and `/dev/zero` is not
+/// one.
+const MAX_SETTINGS_FILE_BYTES: u64 = 1 << 20;
+
+enum Small {
+    Io(std::io::Error),
+    Unfit(String),
+}
+
+/// Reads a small regular text file, refusing devices, pipes and anything over 1 MiB.
+fn read_small(path: &Path, what: &str) -> Result<String, Small> {
+    let meta = std::fs::metadata(path).map_err(Small::Io)?;
+    if !meta.is_file() {
+        return Err(Small::Unfit(format!("a {what} must be a regular file")));
+    }
+    if meta.len() > MAX_SETTINGS_FILE_BYTES {
+        return Err(Small::Unfit(format!(
+            "{} bytes; a {what} may have at most {MAX_SETTINGS_FILE_BYTES}",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(Small::Io)?,
+            MAX_SETTINGS_FILE_BYTES,
+        ),
+        &mut text,
+    )
+    .map_err(Small::Io)?;
+    Ok(text)
+}
+
+/// The accepted tokens from the flag and the file. Authentication fails closed: a blank
+/// token, or a file that holds none, is an error, never "no authentication".
+fn auth_tokens(
+    listed: Option<Vec<String>>,
+    file: Option<&Path>,
+) -> Result<Vec<String>, ConfigError> {
+    let invalid = |name, message: String| ConfigError::Invalid { name, message };
+    let mut tokens = Vec::new();
+    if let Some(listed) = listed {
+        for t in listed {
+            let t = t.trim();
+            if t.is_empty() {
+                return Err(invalid(
+                    "auth-tokens",
+                    "holds a blank token (a stray comma or space?); every token must be non-empty"
+                        .into(),
+                ));
+            }
+            tokens.push(t.to_owned());
+        }
+    }
+    if let Some(path) = file {
+        let text = read_small(path, "token file").map_err(|e| {
+            let why = match e {
+                Small::Io(e) => e.to_string(),
+                Small::Unfit(m) => m,
+            };
+            invalid("auth-tokens-file", format!("{}: {why}", path.display()))
+        })?;
+        let before = tokens.len();
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+        if tokens.len() == before {
+            return Err(invalid(
+                "auth-tokens-file",
+                format!("{} holds no token", path.display()),
+            ));
+        }
+    }
+    if tokens.iter().any(|t| t.chars().any(char::is_whitespace)) {
+        return Err(invalid(
+            "auth-tokens",
+            "a token may not contain spaces (a bearer token is one word)".into(),
+        ));
+    }
+    Ok(tokens)
+}
+
+/// Checks an upstream URL with a real URL parser: http or https, a host, a valid port.
+fn check_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { name, message };
+    let shown = tributary::dispatcher::http::redact_url(url);
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| invalid(format!("{shown:?} is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(format!("{shown:?} is not an http(s) URL")));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(format!("{shown:?} has no host")));
+    }
+    Ok(())
+}
+
 impl RelayConfig {
     fn check(&self) -> Result<(), ConfigError> {
         let invalid = |name, message: &str| {
@@ -377,13 +492,22 @@ impl RelayConfig {
                 message: message.to_owned(),
             })
         };
-        for (name, url) in [
-            ("upstream", &self.upstream),
-            ("eu-upstream", &self.eu_upstream),
-        ] {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return invalid(name, &format!("{url:?} is not an http(s) URL"));
-            }
+        check_url("upstream", &self.upstream)?;
+        check_url("eu-upstream", &self.eu_upstream)?;
+        if self.spool.trim().is_empty() {
+            return invalid("spool", "must name a directory or sqs://QUEUE");
+        }
+        if self.spool_max_bytes < 1 << 20 {
+            return invalid("spool-max-bytes", "must be at least 1048576 (1 MiB)");
+        }
+        if self.max_retry_delay < Duration::from_millis(100) {
+            return invalid(
+                "max-retry-delay",
+                "must be at least 100ms (shorter retries hammer a failing upstream)",
+            );
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            return invalid("shutdown-grace", "must be at most 1h");
         }
         // Smallest useful payload: a header and one small visitor.
         if self.max_batch_bytes < 1024 {
@@ -401,11 +525,14 @@ impl RelayConfig {
         if self.concurrency == 0 || self.concurrency > 256 {
             return invalid("concurrency", "must be between 1 and 256");
         }
-        if self.flush_interval.is_zero() {
-            return invalid("flush-interval", "must be more than 0");
+        if self.flush_interval < Duration::from_millis(1) {
+            return invalid(
+                "flush-interval",
+                "must be at least 1ms (shorter spins the forwarder on an idle relay)",
+            );
         }
-        if self.request_timeout.is_zero() {
-            return invalid("request-timeout", "must be more than 0");
+        if self.request_timeout < Duration::from_millis(10) {
+            return invalid("request-timeout", "must be at least 10ms");
         }
         if self.retention < Duration::from_secs(60) {
             return invalid("retention", "must be at least 1m");
@@ -461,5 +588,114 @@ mod tests {
         };
         let err = bad.resolve(RelaySettings::default()).unwrap_err();
         assert!(err.to_string().contains("upstream"), "{err}");
+    }
+
+    fn refused(s: RelaySettings, name: &str) -> String {
+        let err = s.resolve(RelaySettings::default()).unwrap_err().to_string();
+        assert!(err.contains(name), "{err}");
+        err
+    }
+
+    #[test]
+    fn careless_values_are_refused_with_their_name() {
+        for url in [
+            "http://",
+            "http://a b/v1/events",
+            "http://h:99999/",
+            "file:///x",
+            "relay:8080",
+        ] {
+            refused(
+                RelaySettings {
+                    upstream: Some(url.into()),
+                    ..Default::default()
+                },
+                "upstream",
+            );
+        }
+        let err = refused(
+            RelaySettings {
+                upstream: Some("http://user:hunter2@:99999/".into()),
+                ..Default::default()
+            },
+            "upstream",
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        refused(
+            RelaySettings {
+                spool: Some("".into()),
+                ..Default::default()
+            },
+            "spool",
+        );
+        refused(
+            RelaySettings {
+                spool_max_bytes: Some(0),
+                ..Default::default()
+            },
+            "spool-max-bytes",
+        );
+        refused(
+            RelaySettings {
+                max_retry_delay: Some(HumanDuration(Duration::ZERO)),
+                ..Default::default()
+            },
+            "max-retry-delay",
+        );
+        refused(
+            RelaySettings {
+                flush_interval: Some(HumanDuration(Duration::from_nanos(1))),
+                ..Default::default()
+            },
+            "flush-interval",
+        );
+    }
+
+    #[test]
+    fn authentication_fails_closed() {
+        for tokens in [
+            vec!["".to_owned()],
+            vec![" ".to_owned()],
+            vec!["a".to_owned(), "".to_owned()],
+        ] {
+            refused(
+                RelaySettings {
+                    auth_tokens: Some(tokens),
+                    ..Default::default()
+                },
+                "auth-tokens",
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "# no tokens here\n\n").unwrap();
+        refused(
+            RelaySettings {
+                auth_tokens_file: Some(empty),
+                ..Default::default()
+            },
+            "auth-tokens-file",
+        );
+        let good = dir.path().join("tokens");
+        std::fs::write(&good, "# team a\nt-one\n\n  t-two  \n").unwrap();
+        let c = RelaySettings {
+            auth_tokens: Some(vec!["t-zero".into()]),
+            auth_tokens_file: Some(good),
+            ..Default::default()
+        }
+        .resolve(RelaySettings::default())
+        .unwrap();
+        assert_eq!(c.auth_tokens, ["t-zero", "t-one", "t-two"]);
+    }
+
+    #[test]
+    fn a_config_file_must_be_a_small_regular_file() {
+        let err = RelaySettings::from_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("regular file"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+        let err = RelaySettings::from_file(&big).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
     }
 }

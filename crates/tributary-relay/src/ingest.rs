@@ -47,6 +47,8 @@ pub struct IngestState {
     pub max_body_bytes: usize,
     /// Stored payloads are split to at most this many bytes.
     pub max_batch_bytes: usize,
+    /// ... and at most this many visitors, so that no upstream request carries more.
+    pub max_batch_events: usize,
     /// Accepted bearer tokens; empty means no authentication.
     pub auth_tokens: Vec<String>,
     /// Woken when enough has been appended to fill a batch.
@@ -140,12 +142,7 @@ async fn accept(
     check_content_type(headers)?;
     let raw = axum::body::to_bytes(body, state.max_body_bytes)
         .await
-        .map_err(|_| {
-            IngestError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body over {} bytes", state.max_body_bytes),
-            )
-        })?;
+        .map_err(|e| body_error(&e, state.max_body_bytes))?;
     let body = decode_body(headers, raw, state.max_body_bytes)?;
     let batch = parse_payload(body)?;
     let events = batch.visitors().len();
@@ -153,9 +150,16 @@ async fn accept(
         IngestError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             .at(format!("$.visitors[{}]", e.index))
     })?;
+    let max_events = state.max_batch_events.max(1);
     let payloads: Vec<Payload> = parts
         .iter()
-        .map(|b| Payload::from_batch(route.as_str(), b))
+        .flat_map(|b| {
+            let n = b.visitors().len();
+            (0..n.max(1))
+                .step_by(max_events)
+                .map(move |start| b.slice(start..(start + max_events).min(n)))
+        })
+        .map(|b| Payload::from_batch(route.as_str(), &b))
         .collect();
     let bytes: usize = payloads.iter().map(Payload::stored_len).sum();
     state.spool.append(payloads).await.map_err(spool_error)?;
@@ -167,6 +171,25 @@ async fn accept(
         state.forwarder_wake.notify_one();
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A body that could not be read: over the limit (413), or cut short or malformed on the
+/// wire (400: a truncated upload, a bad chunked encoding).
+fn body_error(e: &axum::Error, limit: usize) -> IngestError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return IngestError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body over {limit} bytes"),
+            );
+        }
+        source = s.source();
+    }
+    IngestError::new(
+        StatusCode::BAD_REQUEST,
+        format!("the request body could not be read: {e}"),
+    )
 }
 
 fn spool_error(e: SpoolError) -> IngestError {
@@ -191,11 +214,14 @@ fn authenticate(tokens: &[String], headers: &HeaderMap) -> Result<(), IngestErro
     if tokens.is_empty() {
         return Ok(());
     }
+    // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `BEARER` and `Bearer`.
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|token| !token.is_empty());
     let Some(given) = given else {
         return Err(IngestError::new(
             StatusCode::UNAUTHORIZED,
@@ -245,10 +271,15 @@ fn decode_body(headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<Bytes, I
             format!("Content-Encoding {encoding:?} not supported; use gzip or none"),
         ));
     }
-    let mut out = Vec::with_capacity(raw.len() * 4);
-    let mut decoder = flate2::read::GzDecoder::new(&raw[..]).take(limit as u64 + 1);
+    // Several gzip members one after another are one valid gzip stream (RFC 1952 §2.2);
+    // anything after the last member that is not a member is refused, not dropped.
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit));
+    let mut decoder = flate2::read::MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
     decoder.read_to_end(&mut out).map_err(|e| {
-        IngestError::new(StatusCode::BAD_REQUEST, format!("invalid gzip body: {e}"))
+        IngestError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid gzip body (or bytes after the gzip stream): {e}"),
+        )
     })?;
     if out.len() > limit {
         return Err(IngestError::new(

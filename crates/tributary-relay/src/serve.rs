@@ -16,6 +16,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tokio::sync::{Notify, watch};
+use tributary::dispatcher::http::redact_url;
 use tributary_spool::Spool;
 
 use crate::config::{RelayConfig, RelaySettings};
@@ -79,6 +80,7 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
         spool: spool.clone(),
         max_body_bytes: config.max_body_bytes,
         max_batch_bytes: config.max_batch_bytes,
+        max_batch_events: config.max_batch_events,
         auth_tokens: config.auth_tokens.clone(),
         forwarder_wake: wake.clone(),
         appended_bytes: appended.clone(),
@@ -108,8 +110,8 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
     tracing::info!(
         listen = %local,
         spool = %config.spool,
-        upstream = %config.upstream,
-        eu_upstream = %config.eu_upstream,
+        upstream = %redact_url(&config.upstream),
+        eu_upstream = %redact_url(&config.eu_upstream),
         forwarding = !no_forward,
         "tributary relay ready"
     );
@@ -134,14 +136,34 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
         stop_tx.subscribe(),
     ));
 
+    // `--shutdown-grace` is a hard deadline from the signal, whatever clients do: requests
+    // still unfinished when it passes (a slow upload, a client that never ends its body) are
+    // dropped unanswered, and the forwarder gets what is left of it.
     let ops_for_signal = ops.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            ops_for_signal.ready.store(false, Ordering::Relaxed);
-            tracing::info!("shutting down: no new requests; finishing in-flight ones");
-        })
-        .await?;
+    let signalled = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let signalled_at = signalled.clone();
+    let wake_deadline = Arc::new(Notify::new());
+    let wake = wake_deadline.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        ops_for_signal.ready.store(false, Ordering::Relaxed);
+        tracing::info!("shutting down: no new requests; finishing in-flight ones");
+        let _ = signalled_at.set(Instant::now());
+        wake.notify_one();
+    });
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        served = server => served?,
+        () = async {
+            wake_deadline.notified().await;
+            if let Some(at) = signalled.get() {
+                tokio::time::sleep_until((*at + grace).into()).await;
+            }
+        } => {
+            tracing::warn!("shutdown grace over with requests still unfinished; dropping them unanswered");
+        }
+    }
+    let deadline = signalled.get().map_or_else(Instant::now, |at| *at) + grace;
 
     let _ = stop_tx.send(true);
     if let Some(task) = forward_task {
@@ -150,8 +172,7 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
     let _ = maintenance.await;
     let _ = gauges.await;
     if !no_forward {
-        let deadline = Instant::now() + config.shutdown_grace;
-        let bound = config.shutdown_grace + Duration::from_secs(2);
+        let bound = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(2);
         match tokio::time::timeout(bound, forwarder.drain(deadline)).await {
             Ok(Ok(s)) => tracing::info!(
                 events = s.events_delivered,

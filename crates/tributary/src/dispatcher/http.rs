@@ -366,8 +366,10 @@ impl HttpTransport {
             Err(e) => {
                 let label = if e.is_timeout() { "timeout" } else { "error" };
                 metrics::counter!("tributary_http_requests_total", "status" => label).increment(1);
-                let message = error_chain(&e);
-                return if e.is_builder() {
+                let is_builder = e.is_builder();
+                // reqwest names the URL in its message, password included: name it redacted.
+                let message = format!("{} ({})", error_chain(&e.without_url()), redact_url(url));
+                return if is_builder {
                     Attempt::Permanent { status: 0, message }
                 } else {
                     Attempt::Retryable {
@@ -443,6 +445,26 @@ fn validate_endpoint(endpoint: &str) -> Result<(), HttpDispatcherError> {
     match url.scheme() {
         "http" | "https" => Ok(()),
         other => Err(invalid(format!("scheme {other:?} is not http or https"))),
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and error messages; unparsable text
+/// comes back as `<invalid URL>` (it may hold anything).
+///
+/// ```
+/// use tributary::dispatcher::http::redact_url;
+/// assert_eq!(redact_url("https://me:s3cret@relay.example/v1/events"), "https://me:***@relay.example/v1/events");
+/// assert_eq!(redact_url("http://127.0.0.1:8080/v1/events"), "http://127.0.0.1:8080/v1/events");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<invalid URL>".to_owned(),
     }
 }
 

@@ -1,0 +1,232 @@
+//! Hostile clients and careless operators, through the real binary: authentication that
+//! fails closed, bodies cut short or padded, one huge POST split to `--max-batch-events`,
+//! secrets kept out of the log, and a shutdown that keeps its deadline whatever clients do.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::{RelayProcess, payload, post, post_json, run_cli, uuids};
+use tributary_testkit::{RecordingUpstream, Reply, Script, delivered_uuids};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn args(upstream: &str, spool: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--upstream",
+        upstream,
+        "--spool",
+        spool,
+        "--flush-interval",
+        "100ms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    a.extend(extra.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+#[test]
+fn blank_auth_tokens_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    for tokens in [",", " ", "good,,other", ""] {
+        let (code, _, err) = run_cli(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            spool.to_str().unwrap(),
+            "--auth-tokens",
+            tokens,
+        ]);
+        assert_ne!(code, 0, "started with --auth-tokens {tokens:?}");
+        assert!(err.contains("auth-tokens"), "{err}");
+    }
+    let empty = dir.path().join("tokens");
+    std::fs::write(&empty, "\n# nothing\n").unwrap();
+    let (code, _, err) = run_cli(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--spool",
+        spool.to_str().unwrap(),
+        "--auth-tokens-file",
+        empty.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("holds no token"), "{err}");
+}
+
+#[test]
+fn tokens_from_a_file_and_any_case_of_the_scheme() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# team shop\ns3cret-a\ns3cret-b\n").unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(
+        &upstream.url(),
+        spool.to_str().unwrap(),
+        &["--auth-tokens-file", file.to_str().unwrap()],
+    ));
+    let url = relay.url("/v1/events");
+    let body = payload("131", &uuids("auth", 1));
+    let json = ("content-type", "application/json");
+    assert_eq!(post(&url, body.clone(), &[json]).0, 401);
+    assert_eq!(
+        post(
+            &url,
+            body.clone(),
+            &[json, ("authorization", "Bearer nope")]
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        post(&url, body.clone(), &[json, ("authorization", "Bearer ")]).0,
+        401
+    );
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme} s3cret-b");
+        assert_eq!(
+            post(&url, body.clone(), &[json, ("authorization", &auth)]).0,
+            204,
+            "{scheme}"
+        );
+    }
+    assert!(
+        !relay.log_text().contains("s3cret"),
+        "a token reached the log"
+    );
+}
+
+#[test]
+fn one_large_post_is_split_to_max_batch_events_upstream() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(
+        &upstream.url(),
+        spool.to_str().unwrap(),
+        &["--max-batch-events", "100"],
+    ));
+    let sent = uuids("big", 1000);
+    assert_eq!(
+        post_json(&relay.url("/v1/events"), &payload("131", &sent)).0,
+        204
+    );
+    assert!(upstream.wait_for(|r| delivered_uuids(r).len() >= 1000, WAIT));
+    for r in upstream.requests() {
+        let n = r.json().unwrap()["visitors"].as_array().unwrap().len();
+        assert!(n <= 100, "an upstream request carried {n} visitors");
+    }
+}
+
+#[test]
+fn passwords_in_upstream_urls_stay_out_of_the_log() {
+    let upstream = RecordingUpstream::start();
+    let with_secret = upstream
+        .url()
+        .replacen("http://", "http://relay:hunter2@", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(&with_secret, spool.to_str().unwrap(), &[]));
+    let log = relay.log_text();
+    assert!(log.contains("relay:***@"), "{log}");
+    assert!(!log.contains("hunter2"), "{log}");
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn bodies_cut_short_or_padded_get_the_right_answer() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(&upstream.url(), spool.to_str().unwrap(), &[]));
+    let url = relay.url("/v1/events");
+    let gz = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+
+    // Two gzip members are one valid gzip stream.
+    let body = payload("131", &uuids("gz", 2));
+    let (half, rest) = body.as_bytes().split_at(body.len() / 2);
+    let mut two = gzip(half);
+    two.extend(gzip(rest));
+    assert_eq!(post(&url, two, &gz).0, 204);
+    // Junk after the stream is refused, not dropped.
+    let mut junk = gzip(payload("131", &uuids("junk", 1)).as_bytes());
+    junk.extend_from_slice(b"trailing junk");
+    let (status, text) = post(&url, junk, &gz);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("gzip"), "{text}");
+
+    // A body that ends before its Content-Length: 400, not 413.
+    let addr = relay.addr.unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{{\"account_id\":"
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(!answer.contains("bytes\""), "{answer}");
+}
+
+#[test]
+fn sigterm_keeps_the_grace_whatever_clients_do() {
+    let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(204)));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut relay = RelayProcess::serve(&args(
+        &upstream.url(),
+        spool.to_str().unwrap(),
+        &["--shutdown-grace", "2s"],
+    ));
+    assert_eq!(
+        post_json(
+            &relay.url("/v1/events"),
+            &payload("131", &uuids("before", 3))
+        )
+        .0,
+        204
+    );
+    // 500 uploads that never finish their bodies.
+    let addr = relay.addr.unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..500 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{\"account_id\":\"1\","
+        )
+        .unwrap();
+        slow.push(s);
+    }
+    let started = Instant::now();
+    let status = relay.terminate(Duration::from_secs(30));
+    let took = started.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(6),
+        "exit took {took:?} with a 2 s grace"
+    );
+    assert!(upstream.wait_for(|r| delivered_uuids(r).len() >= 3, WAIT));
+    drop(slow);
+}
