@@ -133,6 +133,20 @@ pub struct RelaySettings {
     #[arg(long, env = "TRIBUTARY_AUTH_TOKENS_FILE", value_name = "FILE")]
     pub auth_tokens_file: Option<PathBuf>,
 
+    /// Request-body bytes all requests together may hold in memory while they arrive;
+    /// past it requests get 503 + Retry-After [default: 134217728].
+    #[arg(long, env = "TRIBUTARY_MAX_BUFFERED_BYTES", value_name = "BYTES")]
+    pub max_buffered_bytes: Option<usize>,
+
+    /// Ingest requests handled at once; past it requests get 503 + Retry-After [default: 512].
+    #[arg(long, env = "TRIBUTARY_MAX_CONCURRENT_REQUESTS", value_name = "N")]
+    pub max_concurrent_requests: Option<usize>,
+
+    /// Longest time a request body may take to arrive; past it the request gets 408
+    /// [default: 30s].
+    #[arg(long, env = "TRIBUTARY_BODY_TIMEOUT", value_name = "DURATION")]
+    pub body_timeout: Option<HumanDuration>,
+
     /// How long shutdown keeps forwarding before it exits [default: 10s]. What is left stays
     /// spooled for the next start.
     #[arg(long, env = "TRIBUTARY_SHUTDOWN_GRACE", value_name = "DURATION")]
@@ -201,6 +215,12 @@ pub struct RelayConfig {
     pub spool_reserve_bytes: u64,
     /// Isolation requests per forwarding cycle.
     pub isolation_budget: usize,
+    /// Request-body bytes held in memory at once, all requests together.
+    pub max_buffered_bytes: usize,
+    /// Ingest requests handled at once.
+    pub max_concurrent_requests: usize,
+    /// Longest time a request body may take to arrive.
+    pub body_timeout: Duration,
     /// Retention before dead-lettering.
     pub retention: Duration,
     /// SQLite sync mode.
@@ -341,6 +361,19 @@ impl RelaySettings {
                 .isolation_budget
                 .or(file.isolation_budget)
                 .unwrap_or(1000),
+            max_buffered_bytes: self
+                .max_buffered_bytes
+                .or(file.max_buffered_bytes)
+                .unwrap_or(128 << 20),
+            max_concurrent_requests: self
+                .max_concurrent_requests
+                .or(file.max_concurrent_requests)
+                .unwrap_or(512),
+            body_timeout: pick_d(
+                self.body_timeout,
+                file.body_timeout,
+                Duration::from_secs(30),
+            ),
             retention: pick_d(
                 self.retention,
                 file.retention,
@@ -518,6 +551,18 @@ impl RelayConfig {
         }
         if self.max_batch_events == 0 {
             return invalid("max-batch-events", "must be at least 1");
+        }
+        if self.max_buffered_bytes < self.max_body_bytes {
+            return invalid(
+                "max-buffered-bytes",
+                "must be at least max-body-bytes, or the largest request could never be read",
+            );
+        }
+        if self.max_concurrent_requests == 0 || self.max_concurrent_requests > 1_000_000 {
+            return invalid("max-concurrent-requests", "must be between 1 and 1000000");
+        }
+        if self.body_timeout < Duration::from_millis(100) {
+            return invalid("body-timeout", "must be at least 100ms");
         }
         if self.isolation_budget == 0 || self.isolation_budget > 1_000_000 {
             return invalid("isolation-budget", "must be between 1 and 1000000");

@@ -55,6 +55,15 @@ pub struct IngestState {
     pub forwarder_wake: Arc<Notify>,
     /// Bytes appended since the forwarder last looked.
     pub appended_bytes: Arc<AtomicUsize>,
+    /// Request-body bytes all requests together may hold in memory while they are read
+    /// (`--max-buffered-bytes`): one permit per byte.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Requests handled at once (`--max-concurrent-requests`).
+    pub requests: Arc<tokio::sync::Semaphore>,
+    /// Longest time a request body may take to arrive (`--body-timeout`).
+    pub body_timeout: std::time::Duration,
+    /// The number of permits `requests` started with.
+    pub requests_max: usize,
 }
 
 /// An ingest error, answered as `{"error": ..., "path": ...}`.
@@ -138,11 +147,25 @@ async fn accept(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<StatusCode, IngestError> {
+    let _slot = state.requests.clone().try_acquire_owned().map_err(|_| {
+        busy(format!(
+            "relay busy: {} requests in progress (--max-concurrent-requests)",
+            state.requests_limit()
+        ))
+    })?;
     authenticate(&state.auth_tokens, headers)?;
     check_content_type(headers)?;
-    let raw = axum::body::to_bytes(body, state.max_body_bytes)
+    let (raw, _held) = tokio::time::timeout(state.body_timeout, read_body(state, body))
         .await
-        .map_err(|e| body_error(&e, state.max_body_bytes))?;
+        .map_err(|_| {
+            IngestError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {:?} (--body-timeout)",
+                    state.body_timeout
+                ),
+            )
+        })??;
     let body = decode_body(headers, raw, state.max_body_bytes)?;
     let batch = parse_payload(body)?;
     let events = batch.visitors().len();
@@ -173,23 +196,65 @@ async fn accept(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A body that could not be read: over the limit (413), or cut short or malformed on the
-/// wire (400: a truncated upload, a bad chunked encoding).
-fn body_error(e: &axum::Error, limit: usize) -> IngestError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return IngestError::new(
+impl IngestState {
+    fn requests_limit(&self) -> usize {
+        self.requests_max
+    }
+}
+
+/// A 503 that asks the client to come back in a second.
+fn busy(message: String) -> IngestError {
+    IngestError {
+        retry_after: Some(1),
+        ..IngestError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+/// Reads the body frame by frame, taking each frame's bytes from the shared budget before
+/// keeping them, so that many slow or large uploads together cannot hold more than
+/// `--max-buffered-bytes`. Returns the body and the budget it holds (given back on drop).
+async fn read_body(
+    state: &IngestState,
+    mut body: Body,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), IngestError> {
+    use http_body_util::BodyExt;
+    let limit = state.max_body_bytes;
+    let mut buf = bytes::BytesMut::new();
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            IngestError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the request body could not be read: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > limit {
+            return Err(IngestError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body over {limit} bytes"),
-            );
+            ));
         }
-        source = s.source();
+        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let permit = state
+            .body_budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| {
+                busy(
+                    "relay busy: the memory for request bodies is in use (--max-buffered-bytes)"
+                        .into(),
+                )
+            })?;
+        match &mut held {
+            Some(h) => h.merge(permit),
+            None => held = Some(permit),
+        }
+        buf.extend_from_slice(&data);
     }
-    IngestError::new(
-        StatusCode::BAD_REQUEST,
-        format!("the request body could not be read: {e}"),
-    )
+    Ok((buf.freeze(), held))
 }
 
 fn spool_error(e: SpoolError) -> IngestError {

@@ -84,6 +84,10 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
         auth_tokens: config.auth_tokens.clone(),
         forwarder_wake: wake.clone(),
         appended_bytes: appended.clone(),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
+        requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+        body_timeout: config.body_timeout,
+        requests_max: config.max_concurrent_requests,
     });
     let ops = Arc::new(OpsState {
         spool: spool.clone(),

@@ -230,3 +230,76 @@ fn sigterm_keeps_the_grace_whatever_clients_do() {
     assert!(upstream.wait_for(|r| delivered_uuids(r).len() >= 3, WAIT));
     drop(slow);
 }
+
+/// Opens a connection and starts a POST of `len` body bytes, sending `send` of them.
+fn start_upload(addr: std::net::SocketAddr, len: usize, send: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b' '; 64 << 10];
+    let mut sent = 0;
+    while sent < send {
+        let n = chunk.len().min(send - sent);
+        if s.write_all(&chunk[..n]).is_err() {
+            break; // the relay refused and closed: fine
+        }
+        sent += n;
+    }
+    s
+}
+
+#[test]
+fn sixty_unfinished_15_mb_uploads_stay_within_the_memory_budget() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(&upstream.url(), spool.to_str().unwrap(), &[]));
+    let addr = relay.addr.unwrap();
+    let before = relay.rss_mib();
+    // Each sends all but the last byte of a 15 MB body, then waits.
+    let uploads: Vec<TcpStream> = (0..60)
+        .map(|_| {
+            let mut s = start_upload(addr, 15 << 20, (15 << 20) - 1);
+            s.set_nonblocking(true).unwrap();
+            let _ = s.flush();
+            s
+        })
+        .collect();
+    let peak = relay.rss_mib();
+    // docs/relay.md: RSS stays under 200 MiB with the default --max-buffered-bytes (128 MiB).
+    assert!(peak < 200.0, "RSS {peak:.0} MiB (from {before:.0})");
+    let started = Instant::now();
+    let (status, text) = post_json(
+        &relay.url("/v1/events"),
+        &payload("131", &uuids("small", 1)),
+    );
+    assert_eq!(status, 204, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(uploads);
+}
+
+#[test]
+fn a_body_that_never_arrives_gets_408() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(
+        &upstream.url(),
+        spool.to_str().unwrap(),
+        &["--body-timeout", "1s"],
+    ));
+    let mut s = start_upload(relay.addr.unwrap(), 5000, 10);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = s.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--body-timeout"), "{answer}");
+}

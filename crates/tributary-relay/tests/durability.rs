@@ -344,3 +344,67 @@ fn a_damaged_or_foreign_spool_file_is_refused_and_kept() {
         "run the newer version, or move the file aside",
     );
 }
+
+/// Makes files immutable (`chattr +i`) until dropped. Needs root and a file system with
+/// the attribute (ext4, xfs): the test fails, loudly, where it cannot.
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn set(files: &[PathBuf]) -> Immutable {
+        for f in files {
+            let out = Command::new("chattr").arg("+i").arg(f).output().unwrap();
+            assert!(
+                out.status.success(),
+                "this test needs chattr +i (root, ext4): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Immutable(files.to_vec())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(f).status();
+        }
+    }
+}
+
+#[test]
+fn readiness_tells_the_truth_when_the_spool_cannot_be_written() {
+    let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(503)));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&relay_args(
+        &upstream.url(),
+        spool.to_str().unwrap(),
+        &["--no-forward"],
+    ));
+    let url = relay.url("/v1/events");
+    assert_eq!(post_json(&url, &payload("131", &uuids("w", 2))).0, 204);
+    assert_eq!(get(&relay.url("/readyz")).0, 200);
+    {
+        let _frozen = Immutable::set(&[spool.join("spool.db"), spool.join("spool.db-wal")]);
+        let (status, headers, body) = post_full(
+            &url,
+            payload("131", &uuids("frozen", 1)),
+            &[("content-type", "application/json")],
+        );
+        assert_eq!(status, 503, "{body}");
+        assert!(headers.iter().any(|(k, _)| k == "retry-after"));
+        let (ready, why) = get(&relay.url("/readyz"));
+        assert_eq!(ready, 503, "ready while nothing can be written");
+        assert!(why.contains("cannot write"), "{why}");
+    }
+    assert!(
+        wait_until(WAIT, || get(&relay.url("/readyz")).0 == 200),
+        "{}",
+        relay.log_text()
+    );
+    assert_eq!(post_json(&url, &payload("131", &uuids("thawed", 1))).0, 204);
+    drop(relay);
+    integrity_ok(&spool);
+    let audit = audit_balances(spool.to_str().unwrap());
+    assert_eq!(audit["totals"]["events"]["accepted"], 3);
+}

@@ -552,18 +552,24 @@ impl Store {
         })
     }
 
-    /// Whether appends of a usual size would be taken now, and whether the file reads.
+    /// Whether appends of a usual size would be taken now: the file is sound, the disk has
+    /// room, and a write commits (a one-row write of the spool's clock, so that a file made
+    /// read-only or immutable under the relay shows here, not only in failed appends).
     pub(super) fn check_ready(&mut self) -> Result<(), SpoolError> {
         if let Some(e) = self.refusal(READY_MARGIN) {
             return Err(e);
         }
-        let read = self
-            .conn
-            .query_row("SELECT pending FROM totals WHERE id = 0", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map_err(storage);
-        read.map(|_| ()).map_err(|e| self.classify(e))
+        let now = self.clock.now_ms();
+        let probe = (|| {
+            let tx = self.begin()?;
+            Delta::default().write(&tx, now)?;
+            tx.commit()
+        })()
+        .map_err(storage);
+        probe.map_err(|e| match self.classify(e) {
+            SpoolError::Storage(m) => SpoolError::Storage(format!("cannot write: {m}")),
+            other => other,
+        })
     }
 
     fn begin(&mut self) -> rusqlite::Result<Transaction<'_>> {
