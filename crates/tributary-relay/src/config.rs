@@ -147,6 +147,25 @@ pub struct RelaySettings {
     #[arg(long, env = "TRIBUTARY_BODY_TIMEOUT", value_name = "DURATION")]
     pub body_timeout: Option<HumanDuration>,
 
+    /// Client connections open at once; more are closed at once. Kept below the open-file
+    /// limit, which the relay raises to its hard limit at start [default: 10000, or what
+    /// the file limit leaves].
+    #[arg(long, env = "TRIBUTARY_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Longest wait for a complete request head, idle keep-alive connections included;
+    /// then the connection is closed [default: 10s].
+    #[arg(long, env = "TRIBUTARY_HEADER_TIMEOUT", value_name = "DURATION")]
+    pub header_timeout: Option<HumanDuration>,
+
+    /// Most header bytes buffered per connection [default: 65536].
+    #[arg(long, env = "TRIBUTARY_MAX_HEADER_BYTES", value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
+
+    /// Concurrent HTTP/2 streams per connection [default: 32].
+    #[arg(long, env = "TRIBUTARY_H2_MAX_STREAMS", value_name = "N")]
+    pub h2_max_streams: Option<u32>,
+
     /// How long shutdown keeps forwarding before it exits [default: 10s]. What is left stays
     /// spooled for the next start.
     #[arg(long, env = "TRIBUTARY_SHUTDOWN_GRACE", value_name = "DURATION")]
@@ -221,6 +240,14 @@ pub struct RelayConfig {
     pub max_concurrent_requests: usize,
     /// Longest time a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Client connections at once, if set (else what the file limit leaves, at most 10,000).
+    pub max_connections: Option<usize>,
+    /// Longest wait for a request head.
+    pub header_timeout: Duration,
+    /// Header bytes buffered per connection.
+    pub max_header_bytes: usize,
+    /// HTTP/2 streams per connection.
+    pub h2_max_streams: u32,
     /// Retention before dead-lettering.
     pub retention: Duration,
     /// SQLite sync mode.
@@ -374,6 +401,17 @@ impl RelaySettings {
                 file.body_timeout,
                 Duration::from_secs(30),
             ),
+            max_connections: self.max_connections.or(file.max_connections),
+            header_timeout: pick_d(
+                self.header_timeout,
+                file.header_timeout,
+                Duration::from_secs(10),
+            ),
+            max_header_bytes: self
+                .max_header_bytes
+                .or(file.max_header_bytes)
+                .unwrap_or(64 << 10),
+            h2_max_streams: self.h2_max_streams.or(file.h2_max_streams).unwrap_or(32),
             retention: pick_d(
                 self.retention,
                 file.retention,
@@ -530,8 +568,8 @@ impl RelayConfig {
         if self.spool.trim().is_empty() {
             return invalid("spool", "must name a directory or sqs://QUEUE");
         }
-        if self.spool_max_bytes < 1 << 20 {
-            return invalid("spool-max-bytes", "must be at least 1048576 (1 MiB)");
+        if self.spool_max_bytes < 1024 {
+            return invalid("spool-max-bytes", "must be at least 1024");
         }
         if self.max_retry_delay < Duration::from_millis(100) {
             return invalid(
@@ -560,6 +598,18 @@ impl RelayConfig {
         }
         if self.max_concurrent_requests == 0 || self.max_concurrent_requests > 1_000_000 {
             return invalid("max-concurrent-requests", "must be between 1 and 1000000");
+        }
+        if self.max_connections == Some(0) {
+            return invalid("max-connections", "must be at least 1");
+        }
+        if self.header_timeout < Duration::from_millis(100) {
+            return invalid("header-timeout", "must be at least 100ms");
+        }
+        if !(8192..=1 << 20).contains(&self.max_header_bytes) {
+            return invalid("max-header-bytes", "must be between 8192 and 1048576");
+        }
+        if !(1..=1000).contains(&self.h2_max_streams) {
+            return invalid("h2-max-streams", "must be between 1 and 1000");
         }
         if self.body_timeout < Duration::from_millis(100) {
             return invalid("body-timeout", "must be at least 100ms");

@@ -11,6 +11,7 @@ mod cmd_spool;
 mod cmd_validate;
 mod config;
 mod forwarder;
+mod http_server;
 mod ingest;
 mod serve;
 mod spool_addr;

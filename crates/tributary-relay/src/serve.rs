@@ -148,7 +148,27 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
     let signalled_at = signalled.clone();
     let wake_deadline = Arc::new(Notify::new());
     let wake = wake_deadline.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let ceiling = crate::http_server::connection_ceiling();
+    let max_connections = match config.max_connections {
+        Some(n) if n > ceiling => {
+            tracing::warn!(
+                requested = n,
+                allowed = ceiling,
+                "--max-connections is above what the open-file limit leaves; using the lower figure"
+            );
+            ceiling
+        }
+        Some(n) => n,
+        None => ceiling.min(DEFAULT_MAX_CONNECTIONS),
+    };
+    let limits = crate::http_server::ServerLimits {
+        max_connections,
+        header_timeout: config.header_timeout,
+        max_header_bytes: config.max_header_bytes,
+        h2_max_streams: config.h2_max_streams,
+    };
+    tracing::debug!(?limits, "server limits");
+    let server = crate::http_server::serve(listener, app, limits, async move {
         shutdown_signal().await;
         ops_for_signal.ready.store(false, Ordering::Relaxed);
         tracing::info!("shutting down: no new requests; finishing in-flight ones");
@@ -157,7 +177,7 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
     });
     let grace = config.shutdown_grace;
     tokio::select! {
-        served = server => served?,
+        () = server => {}
         () = async {
             wake_deadline.notified().await;
             if let Some(at) = signalled.get() {
@@ -213,6 +233,10 @@ pub fn forwarder_config(config: &RelayConfig) -> ForwarderConfig {
         suspect_delay: SUSPECT_DELAY,
     }
 }
+
+/// Client connections at once when `--max-connections` is not set (and the file limit
+/// allows it).
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// How long payloads whose isolation the budget cut short wait before the next try.
 const SUSPECT_DELAY: Duration = Duration::from_secs(1);

@@ -303,3 +303,136 @@ fn a_body_that_never_arrives_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--body-timeout"), "{answer}");
 }
+
+/// Whether the server closed `s` (a read sees end of file or a reset) within `within`.
+fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // A 408 or 400 before the close is fine; keep reading to the close.
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn slowloris_connections_are_closed_by_the_header_timeout() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(
+        &upstream.url(),
+        spool.to_str().unwrap(),
+        &["--header-timeout", "1s"],
+    ));
+    let addr = relay.addr.unwrap();
+    // 2,000 clients that start a request head and never finish it.
+    let mut slow: Vec<TcpStream> = (0..2000)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .unwrap();
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let mut open = 0;
+    for s in &mut slow {
+        let left = Duration::from_secs(10)
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        if !closed_by_server(s, left) {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 0, "{open} slow connections still open after 10 s");
+    let (status, text) = post_json(
+        &relay.url("/v1/events"),
+        &payload("131", &uuids("after", 1)),
+    );
+    assert_eq!(status, 204, "{text}");
+}
+
+#[test]
+fn idle_sockets_past_the_file_limit_do_not_lock_out_new_clients() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve_with_file_limit(
+        1024,
+        &args(
+            &upstream.url(),
+            spool.to_str().unwrap(),
+            &["--header-timeout", "2s"],
+        ),
+    );
+    let addr = relay.addr.unwrap();
+    let idle: Vec<TcpStream> = (0..1100)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    // A new client gets in once the idle ones time out, and the relay keeps working.
+    let started = Instant::now();
+    let mut last = (0, String::new());
+    while started.elapsed() < Duration::from_secs(20) {
+        last = post_json(&relay.url("/v1/events"), &payload("131", &uuids("new", 1)));
+        if last.0 == 204 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last.0, 204, "locked out: {}\n{}", last.1, relay.log_text());
+    assert!(
+        !relay.log_text().contains("Too many open files"),
+        "{}",
+        relay.log_text()
+    );
+    assert!(upstream.wait_for(|r| !delivered_uuids(r).is_empty(), WAIT));
+    drop(idle);
+}
+
+#[test]
+fn five_hundred_unfinished_large_headers_stay_within_the_memory_budget() {
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(
+        &upstream.url(),
+        spool.to_str().unwrap(),
+        &["--auth-tokens", "t"],
+    ));
+    let addr = relay.addr.unwrap();
+    let filler = "a".repeat(380 << 10);
+    let held: Vec<TcpStream> = (0..500)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            // 380 KB of one header, never finished; the relay may stop reading (or close).
+            let _ = write!(s, "POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Big: {filler}");
+            s
+        })
+        .collect();
+    let rss = relay.rss_mib();
+    assert!(rss < 200.0, "RSS {rss:.0} MiB");
+    let auth = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer t"),
+    ];
+    let started = Instant::now();
+    let (status, text) = post(
+        &relay.url("/v1/events"),
+        payload("131", &uuids("ok", 1)),
+        &auth,
+    );
+    assert_eq!(status, 204, "{text}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    drop(held);
+}

@@ -84,11 +84,39 @@ impl RelayProcess {
         Self::spawn_with_env(args, &[])
     }
 
+    /// `tributary serve --listen 127.0.0.1:0 ARGS` with its open-file limit set to `nofile`
+    /// (through the shell's `ulimit`), once it listens.
+    pub fn serve_with_file_limit<S: AsRef<str>>(nofile: u32, args: &[S]) -> RelayProcess {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(tributary_bin())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args.iter().map(AsRef::as_ref));
+        let mut p = Self::spawn_command(command);
+        let line = p.wait_for_log("tributary relay ready", Duration::from_secs(30));
+        let addr = line
+            .split("listen=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+        p.addr = Some(addr.parse().unwrap());
+        p
+    }
+
     /// [`RelayProcess::spawn`] with extra environment variables.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, String)]) -> RelayProcess {
-        let mut child = Command::new(tributary_bin())
+        let mut command = Command::new(tributary_bin());
+        command
             .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        Self::spawn_command(command)
+    }
+
+    /// Runs `command` with the log captured.
+    fn spawn_command(mut command: Command) -> RelayProcess {
+        let mut child = command
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
