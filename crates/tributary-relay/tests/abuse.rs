@@ -436,3 +436,67 @@ fn five_hundred_unfinished_large_headers_stay_within_the_memory_budget() {
     assert!(started.elapsed() < Duration::from_secs(1));
     drop(held);
 }
+
+#[test]
+fn a_hundred_h2_streams_of_8_mb_stay_within_the_memory_budget() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let relay = RelayProcess::serve(&args(&upstream.url(), spool.to_str().unwrap(), &[]));
+    let addr = relay.addr.unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // One h2c connection (prior knowledge), 100 streams, each posting 8 MB (one shared
+    // buffer on this side).
+    let eight_mb = bytes::Bytes::from(vec![b' '; 8 << 20]);
+    let streams = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut streams = Vec::new();
+        for _ in 0..100 {
+            let mut sender = sender.clone();
+            let body = http_body_util::Full::new(eight_mb.clone());
+            let request = hyper::Request::post(format!("http://{addr}/v1/events"))
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap();
+            streams.push(tokio::spawn(async move {
+                let _ = sender.ready().await;
+                sender
+                    .send_request(request)
+                    .await
+                    .map(|r| r.status().as_u16())
+            }));
+        }
+        streams
+    });
+    // Let the relay read what flow control and its budget allow.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = relay.rss_mib();
+    assert!(rss < 200.0, "RSS {rss:.0} MiB");
+    let started = Instant::now();
+    let (status, text) = post_json(&relay.url("/v1/events"), &payload("131", &uuids("h1", 1)));
+    assert_eq!(status, 204, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    for s in streams {
+        s.abort();
+    }
+    drop(runtime);
+    let after = relay.rss_mib();
+    assert!(
+        after < 200.0,
+        "RSS {after:.0} MiB after the connection closed"
+    );
+}
