@@ -39,6 +39,18 @@ fn relay_args(upstream: &str, spool: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// Waits until every uuid of `acked` reached the upstream with a 2xx.
+fn all_delivered(upstream: &RecordingUpstream, acked: &[String]) -> bool {
+    let want: HashSet<&String> = acked.iter().collect();
+    upstream.wait_for(
+        |r| {
+            let got: HashSet<String> = delivered_uuids(r).into_iter().collect();
+            want.iter().all(|u| got.contains(*u))
+        },
+        WAIT,
+    )
+}
+
 /// `PRAGMA integrity_check` of the spool file, with nothing else using it.
 fn integrity_ok(spool: &Path) {
     let conn = rusqlite::Connection::open(spool.join("spool.db")).unwrap();
@@ -127,15 +139,11 @@ fn a_full_disk_refuses_politely_loses_nothing_and_recovers_by_itself() {
     // The upstream is back: the forwarder leases and acks on the full disk, frees it, and
     // ingest takes requests again without anyone restarting anything.
     upstream.set_script(Script::new());
-    let want: HashSet<&String> = acked.iter().collect();
-    let all = upstream.wait_for(
-        |r| {
-            let got: HashSet<String> = delivered_uuids(r).into_iter().collect();
-            want.iter().all(|u| got.contains(*u))
-        },
-        WAIT,
+    assert!(
+        all_delivered(&upstream, &acked),
+        "acknowledged events lost:\n{}",
+        relay.log_text()
     );
-    assert!(all, "acknowledged events lost:\n{}", relay.log_text());
     assert!(
         wait_until(WAIT, || get(&relay.url("/readyz")).0 == 200),
         "never ready again:\n{}",
@@ -198,15 +206,11 @@ fn three_kill_9s_against_a_flaky_upstream_lose_nothing_acknowledged() {
     }
     // A last start delivers what the three deaths left behind.
     let relay = RelayProcess::serve(&relay_args(&upstream.url(), &spool_s, &[]));
-    let want: HashSet<&String> = acked.iter().collect();
-    let all = upstream.wait_for(
-        |r| {
-            let got: HashSet<String> = delivered_uuids(r).into_iter().collect();
-            want.iter().all(|u| got.contains(*u))
-        },
-        WAIT,
+    assert!(
+        all_delivered(&upstream, &acked),
+        "acknowledged events lost:\n{}",
+        relay.log_text()
     );
-    assert!(all, "acknowledged events lost:\n{}", relay.log_text());
     assert!(wait_until(WAIT, || {
         let (_, m) = get(&relay.url("/metrics"));
         support::metric(&m, "tributary_spool_pending_events") == 0.0

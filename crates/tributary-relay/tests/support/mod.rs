@@ -59,15 +59,19 @@ impl RelayProcess {
     pub fn serve_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, String)]) -> RelayProcess {
         let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
         all.extend(args.iter().map(AsRef::as_ref));
-        let mut p = Self::spawn_with_env(&all, env);
-        let addr = p.wait_for_log("tributary relay ready", Duration::from_secs(30));
-        let addr = addr
+        Self::spawn_with_env(&all, env).until_ready()
+    }
+
+    /// Waits for the ready line and takes the address from it.
+    fn until_ready(mut self) -> RelayProcess {
+        let line = self.wait_for_log("tributary relay ready", Duration::from_secs(30));
+        let addr = line
             .split("listen=")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no listen= in {addr:?}"));
-        p.addr = Some(addr.parse().unwrap());
-        p
+            .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+        self.addr = Some(addr.parse().unwrap());
+        self
     }
 
     /// `tributary drain ARGS` (long-running), once its spool is open.
@@ -94,15 +98,7 @@ impl RelayProcess {
             .arg(tributary_bin())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args.iter().map(AsRef::as_ref));
-        let mut p = Self::spawn_command(command);
-        let line = p.wait_for_log("tributary relay ready", Duration::from_secs(30));
-        let addr = line
-            .split("listen=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no listen= in {line:?}"));
-        p.addr = Some(addr.parse().unwrap());
-        p
+        Self::spawn_command(command).until_ready()
     }
 
     /// [`RelayProcess::spawn`] with extra environment variables.
