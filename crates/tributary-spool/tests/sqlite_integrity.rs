@@ -217,6 +217,7 @@ async fn a_clock_stepped_back_between_runs_hides_nothing_for_long() {
         1,
         "visible 5 s after the release, not 6 hours"
     );
+    audit_balances(&spool).await;
 }
 
 #[tokio::test]
