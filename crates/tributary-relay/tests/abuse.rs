@@ -15,6 +15,16 @@ use tributary_testkit::{RecordingUpstream, Reply, Script, delivered_uuids};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The tests that flood the relay (memory, connections) take turns, so that what one of them
+/// measures (RSS, a normal POST within a second) is not another's load.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn args(upstream: &str, spool: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "--upstream",
@@ -191,6 +201,7 @@ fn bodies_cut_short_or_padded_get_the_right_answer() {
 
 #[test]
 fn sigterm_keeps_the_grace_whatever_clients_do() {
+    let _turn = heavy();
     let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(204)));
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
@@ -253,6 +264,7 @@ fn start_upload(addr: std::net::SocketAddr, len: usize, send: usize) -> TcpStrea
 
 #[test]
 fn sixty_unfinished_15_mb_uploads_stay_within_the_memory_budget() {
+    let _turn = heavy();
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
@@ -326,6 +338,7 @@ fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
 
 #[test]
 fn slowloris_connections_are_closed_by_the_header_timeout() {
+    let _turn = heavy();
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
@@ -364,6 +377,7 @@ fn slowloris_connections_are_closed_by_the_header_timeout() {
 
 #[test]
 fn idle_sockets_past_the_file_limit_do_not_lock_out_new_clients() {
+    let _turn = heavy();
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
@@ -401,6 +415,7 @@ fn idle_sockets_past_the_file_limit_do_not_lock_out_new_clients() {
 
 #[test]
 fn five_hundred_unfinished_large_headers_stay_within_the_memory_budget() {
+    let _turn = heavy();
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
@@ -439,6 +454,7 @@ fn five_hundred_unfinished_large_headers_stay_within_the_memory_budget() {
 
 #[test]
 fn a_hundred_h2_streams_of_8_mb_stay_within_the_memory_budget() {
+    let _turn = heavy();
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
