@@ -614,8 +614,23 @@ impl RelayConfig {
         if self.body_timeout < Duration::from_millis(100) {
             return invalid("body-timeout", "must be at least 100ms");
         }
-        if self.isolation_budget == 0 || self.isolation_budget > 1_000_000 {
-            return invalid("isolation-budget", "must be between 1 and 1000000");
+        // One descent from a whole batch to one visitor costs 2·⌈log2 n⌉ requests; a budget
+        // below that could spend every cycle without ever isolating anything.
+        let descent = 2
+            * (usize::BITS
+                - self
+                    .max_batch_events
+                    .max(2)
+                    .saturating_sub(1)
+                    .leading_zeros()) as usize;
+        if self.isolation_budget < descent || self.isolation_budget > 1_000_000 {
+            return Err(ConfigError::Invalid {
+                name: "isolation-budget",
+                message: format!(
+                    "must be between {descent} (2·⌈log2 max-batch-events⌉, one descent to a \
+                     single visitor) and 1000000"
+                ),
+            });
         }
         if self.concurrency == 0 || self.concurrency > 256 {
             return invalid("concurrency", "must be between 1 and 256");
@@ -744,6 +759,23 @@ mod tests {
             },
             "flush-interval",
         );
+        // A budget too small to reach one visitor of the largest batch: 2·⌈log2 10000⌉ = 28.
+        let err = refused(
+            RelaySettings {
+                isolation_budget: Some(27),
+                ..Default::default()
+            },
+            "isolation-budget",
+        );
+        assert!(err.contains("between 28"), "{err}");
+        let c = RelaySettings {
+            isolation_budget: Some(8),
+            max_batch_events: Some(16),
+            ..Default::default()
+        }
+        .resolve(RelaySettings::default())
+        .unwrap();
+        assert_eq!(c.isolation_budget, 8);
     }
 
     #[test]

@@ -574,12 +574,20 @@ impl Delivery {
     ) -> Result<(), SpoolError> {
         let mut visitors: Vec<Bytes> = Vec::new();
         let mut owners: Vec<Range> = Vec::with_capacity(batch.items.len());
+        let mut whole: Vec<bool> = Vec::with_capacity(batch.items.len());
         for l in &batch.items {
             let start = visitors.len();
             match l.payload.to_batch() {
-                Ok(raw) => visitors.extend(raw.into_visitors()),
-                // Unreadable as visitors (never written by this relay): keep it whole.
-                Err(_) => visitors.push(l.payload.visitors.clone()),
+                Ok(raw) => {
+                    visitors.extend(raw.into_visitors());
+                    whole.push(false);
+                }
+                // Unreadable as visitors (never written by this relay): one unit, judged
+                // and settled whole.
+                Err(_) => {
+                    visitors.push(l.payload.visitors.clone());
+                    whole.push(true);
+                }
             }
             owners.push(start..visitors.len());
         }
@@ -599,10 +607,20 @@ impl Delivery {
         let mut acked = Vec::new();
         let mut released: Vec<&Leased> = Vec::new();
         let mut parts = Vec::new();
-        for (l, range) in batch.items.iter().zip(owners) {
+        let mut buried: Vec<(Receipt, String)> = Vec::new();
+        for ((l, range), whole) in batch.items.iter().zip(owners).zip(whole) {
             let mine = &fates[range.clone()];
             if mine.iter().all(|f| matches!(f, Fate::Delivered)) {
                 acked.push(l.clone());
+                continue;
+            }
+            if let (true, [Fate::Rejected { message }]) = (whole, mine) {
+                buried.push((
+                    l.receipt.clone(),
+                    format!("refused alone by the upstream: {message}"),
+                ));
+                summary.events_dead += u64::from(l.payload.visitor_count);
+                summary.payloads_dead += 1;
                 continue;
             }
             let unresolved_group = mine
@@ -653,8 +671,13 @@ impl Delivery {
             summary.events_delivered += u64::from(delivered);
             summary.events_dead += dead.len() as u64;
             summary.payloads_dead += dead.len() as u64;
-            summary.events_unresolved +=
-                remainder.as_ref().map_or(0, |r| u64::from(r.visitor_count));
+            if failure.is_none() {
+                summary.events_unresolved +=
+                    remainder.as_ref().map_or(0, |r| u64::from(r.visitor_count));
+            }
+            if remainder.is_none() && delivered > 0 {
+                summary.payloads_delivered += 1;
+            }
             metrics::counter!("tributary_forwarded_events_total").increment(u64::from(delivered));
             metrics::counter!("tributary_dead_letters_total").increment(dead.len() as u64);
             parts.push(PartialSettlement {
@@ -677,6 +700,12 @@ impl Delivery {
         settle_delivered(&*self.spool, &acked, summary).await?;
         if !parts.is_empty() {
             self.spool.settle_parts(parts).await?;
+        }
+        for (receipt, reason) in buried {
+            metrics::counter!("tributary_dead_letters_total").increment(1);
+            self.spool
+                .dead_letter(std::slice::from_ref(&receipt), &reason)
+                .await?;
         }
         if !released.is_empty() {
             let items: Vec<Leased> = released.into_iter().cloned().collect();

@@ -8,7 +8,9 @@
 //!   `header_timeout` is closed. Hyper's timer runs from the moment it waits for a head, so
 //!   this also closes idle keep-alive connections and slowloris clients.
 //! - **Header size**: at most `max_header_bytes` buffered per HTTP/1 connection.
-//! - **HTTP/2**: at most `h2_max_streams` concurrent streams per connection.
+//! - **HTTP/2**: at most `h2_max_streams` concurrent streams per connection. (Hyper has no
+//!   header or idle timeout for HTTP/2: an h2 connection that goes quiet after its preface
+//!   holds its slot until the client closes it.)
 //!
 //! Request bodies are bounded where they are read (see `ingest`): a shared byte budget, a
 //! concurrency limit and a body timeout.
@@ -86,7 +88,11 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
+    // Connection tasks live in a JoinSet so that dropping this future (the shutdown
+    // deadline) aborts every one of them: unfinished requests are dropped, not left running.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
@@ -108,7 +114,7 @@ pub async fn serve(
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 let header_timeout = limits.header_timeout;
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     // Hyper picks HTTP/1 or HTTP/2 from the first bytes, and waits for them
                     // with no timer of its own: a client that connects and sends nothing
                     // would hold its slot forever.
@@ -133,4 +139,6 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+    // What is left never sent a request (waiting for its first byte): nothing to finish.
+    connections.shutdown().await;
 }

@@ -166,7 +166,21 @@ async fn accept(
                 ),
             )
         })??;
+    let compressed = raw.len();
     let body = decode_body(headers, raw, state.max_body_bytes)?;
+    // What gunzip made counts against the same budget as what arrived.
+    let _inflated = match body.len().checked_sub(compressed) {
+        Some(extra) if extra > 0 => Some(
+            state
+                .body_budget
+                .clone()
+                .try_acquire_many_owned(u32::try_from(extra).unwrap_or(u32::MAX))
+                .map_err(|_| {
+                    busy("relay busy: the memory for request bodies is in use (--max-buffered-bytes)".into())
+                })?,
+        ),
+        _ => None,
+    };
     let batch = parse_payload(body)?;
     let events = batch.visitors().len();
     let parts = batch.split_to_fit(state.max_batch_bytes).map_err(|e| {

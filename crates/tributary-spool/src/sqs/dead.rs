@@ -75,18 +75,30 @@ pub(super) async fn settle_parts(
     parts: Vec<PartialSettlement>,
 ) -> Result<(), SpoolError> {
     let receipts: Vec<Receipt> = parts.iter().map(|p| p.receipt.clone()).collect();
-    let held = inner.leases.take(&receipts);
+    let mut held = inner.leases.take(&receipts);
     if held.is_empty() {
         return Ok(());
     }
-    let Some(dlq) = &inner.dead_letter_url else {
-        return bury(
+    if inner.dead_letter_url.is_none() {
+        // Refused visitors have nowhere to go: those messages are hidden whole, as `bury`
+        // does. The others (delivered in part, the rest still to send) settle as usual.
+        let has_dead = |h: &Held| {
+            parts
+                .iter()
+                .any(|p| p.receipt.0 == h.receipt && !p.dead.is_empty())
+        };
+        let (doomed, rest): (Vec<Held>, Vec<Held>) = held.into_iter().partition(has_dead);
+        bury(
             inner,
-            held,
+            doomed,
             "refused by the upstream (no dead-letter queue configured)",
         )
-        .await;
-    };
+        .await?;
+        held = rest;
+        if held.is_empty() {
+            return Ok(());
+        }
+    }
     let now = now_ms();
     let max = inner.config.max_message_bytes;
     let (mut requeue, mut dead) = (Vec::new(), Vec::new());
@@ -112,7 +124,7 @@ pub(super) async fn settle_parts(
     if !requeue.is_empty() {
         calls::send(inner, &inner.queue_url, requeue).await?;
     }
-    if !dead.is_empty() {
+    if let (false, Some(dlq)) = (dead.is_empty(), &inner.dead_letter_url) {
         calls::send(inner, dlq, dead).await?;
     }
     let handles = held.into_iter().map(|h| h.receipt).collect();
