@@ -471,3 +471,80 @@ async fn a_partial_settlement_requeues_the_rest_and_dead_letters_each_refused_vi
     assert_eq!(dead[0].reason, "refused alone by the upstream: HTTP 400");
     assert_eq!(dead[0].appended_at_ms, leased[0].appended_at_ms);
 }
+
+#[tokio::test]
+async fn without_a_dead_letter_queue_only_messages_with_refused_visitors_are_hidden() {
+    MotoServer::shared().create_queue("no-dlq-parts", &[]);
+    let spool = SqsSpool::open(&sdk().await, config("no-dlq-parts"))
+        .await
+        .unwrap();
+    spool
+        .append(vec![
+            payload("us", "1", "keep", 3, 0),
+            payload("us", "1", "bad", 2, 0),
+        ])
+        .await
+        .unwrap();
+    let leased = lease_all(&spool, 2).await;
+    let of = |tag: &str| {
+        leased
+            .iter()
+            .find(|l| visitors(std::slice::from_ref(*l))[0].0.starts_with(tag))
+            .unwrap()
+            .clone()
+    };
+    let (keep, bad) = (of("keep"), of("bad"));
+    let part = |l: &Leased, range: std::ops::Range<usize>| {
+        let batch = l.payload.to_batch().unwrap();
+        let visitors = batch.visitors()[range].to_vec();
+        Payload::from_batch(
+            "us",
+            &RawBatch::from_parts(batch.header().clone(), visitors),
+        )
+    };
+    spool
+        .settle_parts(vec![
+            // Delivered in part, nothing refused: the rest goes back to the queue.
+            tributary_spool::PartialSettlement {
+                receipt: keep.receipt.clone(),
+                delivered_events: 1,
+                dead: vec![],
+                remainder: Some(part(&keep, 1..3)),
+                delay: Duration::ZERO,
+            },
+            // A visitor refused alone, and nowhere to put it: the message is hidden whole.
+            tributary_spool::PartialSettlement {
+                receipt: bad.receipt.clone(),
+                delivered_events: 1,
+                dead: vec![(part(&bad, 1..2), "refused".into())],
+                remainder: None,
+                delay: Duration::ZERO,
+            },
+        ])
+        .await
+        .unwrap();
+    let again = lease_all(&spool, 1).await;
+    let mut got = visitors(&again);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("keep-1".to_owned(), "us".to_owned()),
+            ("keep-2".to_owned(), "us".to_owned())
+        ]
+    );
+    spool
+        .ack(&again.iter().map(|l| l.receipt.clone()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    // Only the refused one is left, hidden, not deleted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while MotoServer::shared().queue_counts("no-dlq-parts") != (0, 1) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            MotoServer::shared().queue_counts("no-dlq-parts")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
