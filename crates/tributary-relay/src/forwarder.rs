@@ -19,9 +19,10 @@
 //!
 //! Isolation draws on a budget of requests per cycle (`--isolation-budget`). What is not
 //! isolated when it runs out goes back to the spool, visible again after a short delay, and
-//! is remembered as suspect ([`Suspects`]): the next cycle packs it in batches no larger
-//! than the group it was in, so the search resumes where it stopped instead of starting
-//! over. Nothing is dead-lettered for want of budget.
+//! is remembered as suspect ([`Suspects`]): the next cycle packs suspect payloads in batches
+//! no larger than the group they were left in. A payload is never cut here, so one larger
+//! than its group is sent whole and its search restarts from its top. Nothing is
+//! dead-lettered for want of budget.
 //!
 //! Cost, with `k` refused visitors among the `n` of a batch: one request for the batch,
 //! then at most `2·k·⌈log2 n⌉` for isolation (fewer when refused visitors share halves),
@@ -615,10 +616,7 @@ impl Delivery {
                 continue;
             }
             if let (true, [Fate::Rejected { message }]) = (whole, mine) {
-                buried.push((
-                    l.receipt.clone(),
-                    format!("refused alone by the upstream: {message}"),
-                ));
+                buried.push((l.receipt.clone(), refused_alone(message)));
                 summary.events_dead += u64::from(l.payload.visitor_count);
                 summary.payloads_dead += 1;
                 continue;
@@ -646,11 +644,8 @@ impl Delivery {
             for (visitor, fate) in raw.visitors()[range].iter().zip(mine) {
                 match fate {
                     Fate::Delivered => delivered += 1,
-                    Fate::Rejected { message, .. } => {
-                        dead.push((
-                            one_visitor(&l.payload, visitor),
-                            format!("refused alone by the upstream: {message}"),
-                        ));
+                    Fate::Rejected { message } => {
+                        dead.push((one_visitor(&l.payload, visitor), refused_alone(message)));
                     }
                     Fate::Unresolved(_) | Fate::Undelivered => rest.push(visitor.clone()),
                 }
@@ -754,6 +749,11 @@ fn fates(n: usize, outcome: &BisectOutcome) -> Vec<Fate> {
         }
     }
     fates
+}
+
+/// The dead-letter reason of what the upstream refused alone, with what it said.
+fn refused_alone(message: &str) -> String {
+    format!("refused alone by the upstream: {message}")
 }
 
 /// A payload of one visitor under `of`'s route and header.

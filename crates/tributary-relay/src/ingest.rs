@@ -150,7 +150,7 @@ async fn accept(
     let _slot = state.requests.clone().try_acquire_owned().map_err(|_| {
         busy(format!(
             "relay busy: {} requests in progress (--max-concurrent-requests)",
-            state.requests_limit()
+            state.requests_max
         ))
     })?;
     authenticate(&state.auth_tokens, headers)?;
@@ -208,12 +208,6 @@ async fn accept(
         state.forwarder_wake.notify_one();
     }
     Ok(StatusCode::NO_CONTENT)
-}
-
-impl IngestState {
-    fn requests_limit(&self) -> usize {
-        self.requests_max
-    }
 }
 
 /// A 503 that asks the client to come back in a second.

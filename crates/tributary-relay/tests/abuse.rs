@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{RelayProcess, payload, post, post_json, run_cli, uuids};
+use support::{RelayProcess, payload, post, post_json, relay_args, run_cli, uuids};
 use tributary_testkit::{RecordingUpstream, Reply, Script, delivered_uuids};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -23,22 +23,6 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
     HEAVY
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn args(upstream: &str, spool: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--upstream",
-        upstream,
-        "--spool",
-        spool,
-        "--flush-interval",
-        "100ms",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    a.extend(extra.iter().map(|s| (*s).to_owned()));
-    a
 }
 
 #[test]
@@ -80,7 +64,7 @@ fn tokens_from_a_file_and_any_case_of_the_scheme() {
     let file = dir.path().join("tokens");
     std::fs::write(&file, "# team shop\ns3cret-a\ns3cret-b\n").unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(
+    let relay = RelayProcess::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--auth-tokens-file", file.to_str().unwrap()],
@@ -121,7 +105,7 @@ fn one_large_post_is_split_to_max_batch_events_upstream() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(
+    let relay = RelayProcess::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--max-batch-events", "100"],
@@ -146,7 +130,7 @@ fn passwords_in_upstream_urls_stay_out_of_the_log() {
         .replacen("http://", "http://relay:hunter2@", 1);
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(&with_secret, spool.to_str().unwrap(), &[]));
+    let relay = RelayProcess::serve(&relay_args(&with_secret, spool.to_str().unwrap(), &[]));
     let log = relay.log_text();
     assert!(log.contains("relay:***@"), "{log}");
     assert!(!log.contains("hunter2"), "{log}");
@@ -163,7 +147,7 @@ fn bodies_cut_short_or_padded_get_the_right_answer() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(&upstream.url(), spool.to_str().unwrap(), &[]));
+    let relay = RelayProcess::serve(&relay_args(&upstream.url(), spool.to_str().unwrap(), &[]));
     let url = relay.url("/v1/events");
     let gz = [
         ("content-type", "application/json"),
@@ -205,7 +189,7 @@ fn sigterm_keeps_the_grace_whatever_clients_do() {
     let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(204)));
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let mut relay = RelayProcess::serve(&args(
+    let mut relay = RelayProcess::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--shutdown-grace", "2s"],
@@ -268,7 +252,7 @@ fn sixty_unfinished_15_mb_uploads_stay_within_the_memory_budget() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(&upstream.url(), spool.to_str().unwrap(), &[]));
+    let relay = RelayProcess::serve(&relay_args(&upstream.url(), spool.to_str().unwrap(), &[]));
     let addr = relay.addr.unwrap();
     let before = relay.rss_mib();
     // Each sends all but the last byte of a 15 MB body, then waits.
@@ -302,7 +286,7 @@ fn a_body_that_never_arrives_gets_408() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(
+    let relay = RelayProcess::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--body-timeout", "1s"],
@@ -342,7 +326,7 @@ fn slowloris_connections_are_closed_by_the_header_timeout() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(
+    let relay = RelayProcess::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--header-timeout", "1s"],
@@ -383,7 +367,7 @@ fn idle_sockets_past_the_file_limit_do_not_lock_out_new_clients() {
     let spool = dir.path().join("spool");
     let relay = RelayProcess::serve_with_file_limit(
         1024,
-        &args(
+        &relay_args(
             &upstream.url(),
             spool.to_str().unwrap(),
             &["--header-timeout", "2s"],
@@ -419,7 +403,7 @@ fn five_hundred_unfinished_large_headers_stay_within_the_memory_budget() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(
+    let relay = RelayProcess::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--auth-tokens", "t"],
@@ -459,7 +443,7 @@ fn a_hundred_h2_streams_of_8_mb_stay_within_the_memory_budget() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&args(&upstream.url(), spool.to_str().unwrap(), &[]));
+    let relay = RelayProcess::serve(&relay_args(&upstream.url(), spool.to_str().unwrap(), &[]));
     let addr = relay.addr.unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -13,31 +13,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{
-    RelayProcess, audit_balances, get, payload, post_full, post_json, uuids, wait_until,
+    RelayProcess, audit_balances, get, payload, post_full, post_json, relay_args, uuids, wait_until,
 };
 use tributary_testkit::{RecordingUpstream, Reply, Script, delivered_uuids};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn relay_args(upstream: &str, spool: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--upstream",
-        upstream,
-        "--spool",
-        spool,
-        "--flush-interval",
-        "100ms",
-        "--max-retry-delay",
-        "300ms",
-        "--request-timeout",
-        "2s",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
-}
 
 /// Waits until every uuid of `acked` reached the upstream with a 2xx.
 fn all_delivered(upstream: &RecordingUpstream, acked: &[String]) -> bool {

@@ -53,7 +53,7 @@ fn poisoned_run(prefix: &str, users: usize, extra: &[&str]) -> Run {
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let relay = RelayProcess::serve(&args);
 
-    let acked = python_sdk_events(&relay.url(""), users, 10);
+    let acked = python_sdk_events(&relay.url(""), users, Some(10));
     assert_eq!(acked.len(), users * 2, "the SDK got every event through");
     let (bad, good): (Vec<&String>, Vec<&String>) =
         acked.iter().partition(|u| u.starts_with(prefix));

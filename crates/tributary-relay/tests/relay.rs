@@ -59,28 +59,7 @@ fn python_sdk_events_arrive_once_in_few_large_requests() {
     let spool = spool.to_str().unwrap();
     let relay = RelayProcess::serve(&fast(&upstream.url(), spool));
 
-    let datafile = support::shared_fixtures().join("datafile.json");
-    let script = support::repo_root().join("crates/tributary-relay/tests/python/sdk_client.py");
-    let out = std::process::Command::new(support::python())
-        .arg(&script)
-        .arg(relay.url(""))
-        .arg(&datafile)
-        .arg("150")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sdk client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["failed"], 0);
-    let acked: Vec<String> = report["acked"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
+    let acked = support::python_sdk_events(&relay.url(""), 150, None);
     // One impression (decide) and one conversion (track) per user, each its own request.
     assert_eq!(acked.len(), 300);
 

@@ -255,6 +255,27 @@ pub fn run_cli_with_env<S: AsRef<str>>(
     )
 }
 
+/// `serve` flags for the fault tests: quick merging and quick retries, then `extra`.
+pub fn relay_args(upstream: &str, spool: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--upstream",
+        upstream,
+        "--spool",
+        spool,
+        "--flush-interval",
+        "100ms",
+        "--max-retry-delay",
+        "300ms",
+        "--request-timeout",
+        "2s",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -368,22 +389,26 @@ pub fn metric(metrics: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs `python sdk_client.py RELAY DATAFILE USERS [--batch-size N]` (the official SDK);
-/// returns the uuids the relay acknowledged.
-pub fn python_sdk_events(relay_url: &str, users: usize, batch_size: usize) -> Vec<String> {
+/// Runs `python sdk_client.py RELAY DATAFILE USERS` (the official SDK): with `batch_size`,
+/// through the SDK's `BatchEventProcessor` with a queue large enough to drop nothing, else
+/// through its default processor. Returns the uuids the relay acknowledged.
+pub fn python_sdk_events(relay_url: &str, users: usize, batch_size: Option<usize>) -> Vec<String> {
     let datafile = shared_fixtures().join("datafile.json");
     let script = repo_root().join("crates/tributary-relay/tests/python/sdk_client.py");
-    let out = Command::new(python())
+    let mut command = Command::new(python());
+    command
         .arg(&script)
         .arg(relay_url)
         .arg(&datafile)
-        .arg(users.to_string())
-        .arg("--batch-size")
-        .arg(batch_size.to_string())
-        .arg("--queue-size")
-        .arg((users * 2 + 100).to_string())
-        .output()
-        .unwrap();
+        .arg(users.to_string());
+    if let Some(n) = batch_size {
+        command
+            .arg("--batch-size")
+            .arg(n.to_string())
+            .arg("--queue-size")
+            .arg((users * 2 + 100).to_string());
+    }
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "sdk client failed: {}",

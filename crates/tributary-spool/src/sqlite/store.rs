@@ -467,7 +467,6 @@ impl Store {
             Ok(_) => tracing::debug!("WAL checkpoint could not finish (a reader holds it)"),
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
-        tracing::debug!(room = self.room(), "checkpointed");
     }
 
     /// Returns free pages of the database to the file system (`incremental_vacuum`), as many
