@@ -12,6 +12,7 @@
 //! | `upstream_requests_total{status}` | counter | upstream answers (`error` for no answer) |
 //! | `upstream_retries_total` | counter | batches released for a later retry |
 //! | `dead_letters_total` | counter | dead letters created (a visitor refused alone, or a payload past retention) |
+//! | `connections_refused_total` | counter | connections closed at once because `--max-connections` were open |
 //! | `isolation_requests_total` | counter | upstream requests spent isolating refused visitors |
 //! | `isolation_budget_exhausted_total` | counter | cycles whose isolation budget ran out (the rest was released as suspect) |
 //! | `spool_events{state}`, `spool_payloads{state}` | gauge | the spool's durable totals: `accepted`, `delivered`, `dead`, `purged`, `pending` (and `split` for payloads); SQLite only |
