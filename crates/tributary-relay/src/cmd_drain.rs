@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use crate::config::RelaySettings;
-use crate::forwarder::Forwarder;
-use crate::serve::forwarder_config;
-use crate::upstream::Upstreams;
 
 /// `tributary drain` flags.
 #[derive(Debug, clap::Args)]
@@ -30,6 +27,8 @@ pub struct DrainArgs {
     #[arg(long, value_name = "DURATION", default_value = "10m")]
     pub max_time: crate::config::HumanDuration,
 
+    // Flattened: clap shows the inner flags' own help.
+    #[allow(missing_docs)]
     #[command(flatten)]
     pub settings: RelaySettings,
 }
@@ -51,14 +50,12 @@ pub fn run(args: DrainArgs) -> anyhow::Result<ExitCode> {
             crate::spool_addr::OpenMode::Existing,
         )
         .await?;
-        let upstreams = Arc::new(Upstreams::new(&config)?);
-        let forwarder = Forwarder::new(
+        let forwarder = crate::forwarding::forwarder(
+            &config,
             spool.clone(),
-            upstreams,
-            forwarder_config(&config),
             Arc::new(Notify::new()),
             Arc::new(AtomicUsize::new(0)),
-        );
+        )?;
         if args.once {
             let deadline = Instant::now() + args.max_time.0;
             let summary = forwarder.drain(deadline).await?;

@@ -29,6 +29,8 @@ pub struct SpoolArg {
     #[arg(long, env = "TRIBUTARY_CONFIG", value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
 
+    // Flattened: clap shows the inner flags' own help.
+    #[allow(missing_docs)]
     #[command(flatten)]
     pub settings: RelaySettings,
 }
@@ -39,6 +41,8 @@ pub enum DeadLetterCommand {
     /// One JSON line per dead letter: id, reason, times, events, and the payload body with
     /// `--with-body`.
     List {
+        // Flattened: clap shows the inner flags' own help.
+        #[allow(missing_docs)]
         #[command(flatten)]
         spool: SpoolArg,
         /// Most dead letters to list.
@@ -50,6 +54,8 @@ pub enum DeadLetterCommand {
     },
     /// Put dead letters back in the queue to be forwarded again.
     Retry {
+        // Flattened: clap shows the inner flags' own help.
+        #[allow(missing_docs)]
         #[command(flatten)]
         spool: SpoolArg,
         /// Dead-letter ids (from `list`).
@@ -60,6 +66,8 @@ pub enum DeadLetterCommand {
     },
     /// Delete dead letters for good.
     Purge {
+        // Flattened: clap shows the inner flags' own help.
+        #[allow(missing_docs)]
         #[command(flatten)]
         spool: SpoolArg,
         /// Dead-letter ids (from `list`).
@@ -126,7 +134,7 @@ async fn run_async(cmd: SpoolCommand) -> anyhow::Result<ExitCode> {
             for d in open(&spool).await?.dead_letters(limit).await? {
                 let mut line = serde_json::json!({
                     "id": d.id,
-                    "route": d.payload.route,
+                    "route": d.payload.route.as_str(),
                     "reason": d.reason,
                     "events": d.payload.visitor_count,
                     "bytes": d.payload.stored_len(),

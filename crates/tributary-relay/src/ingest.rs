@@ -17,27 +17,7 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 use tributary::{RawBatch, RawBatchError};
-use tributary_spool::{Payload, Spool, SpoolError};
-
-/// Which upstream a payload was posted for. EU traffic is kept apart from US traffic from
-/// the moment it arrives: the route is stored with the payload and merging never crosses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// `POST /v1/events`, forwarded to `--upstream`.
-    Us,
-    /// `POST /eu/v1/events`, forwarded to `--eu-upstream`.
-    Eu,
-}
-
-impl Route {
-    /// The name stored in the spool.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Us => "us",
-            Route::Eu => "eu",
-        }
-    }
-}
+use tributary_spool::{Payload, Route, Spool, SpoolError};
 
 /// What the ingest handlers share.
 pub struct IngestState {
@@ -113,7 +93,7 @@ pub async fn post_us(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, IngestError> {
-    ingest(&state, Route::Us, &headers, body).await
+    ingest(&state, Route::US, &headers, body).await
 }
 
 /// `POST /eu/v1/events`.
@@ -122,7 +102,7 @@ pub async fn post_eu(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, IngestError> {
-    ingest(&state, Route::Eu, &headers, body).await
+    ingest(&state, Route::EU, &headers, body).await
 }
 
 async fn ingest(
@@ -196,7 +176,7 @@ async fn accept(
                 .step_by(max_events)
                 .map(move |start| b.slice(start..(start + max_events).min(n)))
         })
-        .map(|b| Payload::from_batch(route.as_str(), &b))
+        .map(|b| Payload::from_batch(route.clone(), &b))
         .collect();
     let bytes: usize = payloads.iter().map(Payload::stored_len).sum();
     state.spool.append(payloads).await.map_err(spool_error)?;
@@ -468,5 +448,33 @@ mod tests {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         let err = decode_body(&h, Bytes::from(gz), 4096).unwrap_err();
         assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// The ingest parser never panics, whatever the bytes.
+            #[test]
+            fn ingest_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = crate::ingest::parse_payload(Bytes::from(body));
+            }
+
+            /// Nor on JSON-looking input, where the interesting paths are.
+            #[test]
+            fn ingest_parser_never_panics_on_json_like_input(
+                body in r#"[{}\[\]",:0-9a-z_ ]{0,200}"#,
+                prefix in prop_oneof![
+                    Just(""),
+                    Just(r#"{"account_id":"1","visitors":"#),
+                    Just(r#"{"account_id":"1","visitors":[{"visitor_id":"#),
+                ],
+            ) {
+                let _ = crate::ingest::parse_payload(Bytes::from(format!("{prefix}{body}")));
+            }
+        }
     }
 }

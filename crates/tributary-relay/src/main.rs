@@ -4,19 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod bench;
-mod cmd_drain;
-mod cmd_event;
-mod cmd_spool;
-mod cmd_validate;
-mod config;
-mod forwarder;
-mod http_server;
-mod ingest;
-mod serve;
-mod spool_addr;
-mod telemetry;
-mod upstream;
+use tributary_relay::{bench, cmd_drain, cmd_event, cmd_spool, cmd_validate, serve};
 
 /// Tributary: batch, store and forward experimentation events to the Optimizely Event API.
 #[derive(Debug, Parser)]
@@ -49,7 +37,7 @@ fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::main(args),
         Command::Drain(args) => cmd_drain::run(args),
         Command::Spool(cmd) => cmd_spool::run(cmd),
         Command::Event(cmd) => cmd_event::run(cmd),

@@ -1,7 +1,7 @@
 //! `tributary serve`: ingest, spool and forward in one process.
 //!
-//! Start-up opens the spool (so a bad path fails before the port is bound), binds the
-//! listener, starts the forwarder and serves. SIGTERM or SIGINT begins shutdown: stop
+//! [`main`] binds the listener and calls [`run`], which opens the spool, starts the
+//! forwarder and serves. SIGTERM or SIGINT begins shutdown: stop
 //! accepting, let in-flight requests finish (each either committed and answered 2xx, or not
 //! answered), forward for up to `shutdown_grace`, exit 0. Whatever is left stays spooled.
 
@@ -20,10 +20,8 @@ use tributary::dispatcher::http::redact_url;
 use tributary_spool::Spool;
 
 use crate::config::{RelayConfig, RelaySettings};
-use crate::forwarder::{Forwarder, ForwarderConfig};
 use crate::ingest::{self, IngestState};
 use crate::spool_addr;
-use crate::upstream::Upstreams;
 
 /// `tributary serve` flags.
 #[derive(Debug, clap::Args)]
@@ -37,6 +35,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TRIBUTARY_NO_FORWARD")]
     pub no_forward: bool,
 
+    // Flattened: clap shows the inner flags' own help.
+    #[allow(missing_docs)]
     #[command(flatten)]
     pub settings: RelaySettings,
 }
@@ -52,14 +52,19 @@ impl ServeArgs {
     }
 }
 
-/// Runs the relay until a signal.
-pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+/// `tributary serve`: binds `--listen` and runs the relay until SIGTERM or SIGINT.
+pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let (config, no_forward) = args.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tributary-relay")
         .build()?;
-    runtime.block_on(serve(config, no_forward))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        run(listener, config, !no_forward, shutdown_signal()).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -69,12 +74,30 @@ struct OpsState {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
-async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
+/// Serves ingest (`POST /v1/events`, `/eu/v1/events`), `/healthz`, `/readyz` and `/metrics`
+/// on `listener`, with a forwarder beside it when `forward` is set, until `shutdown`
+/// resolves; then stops accepting, lets in-flight requests finish and forwards for up to
+/// `config.shutdown_grace`, closes the spool and returns. `config.listen` is not used: the
+/// caller binds (port 0 in tests).
+///
+/// Errors: the spool cannot be opened, or the upstream client cannot be built.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: RelayConfig,
+    forward: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let no_forward = !forward;
     let metrics = crate::telemetry::install_metrics()?;
     let spool = spool_addr::open(&config.spool, &config, spool_addr::OpenMode::Create).await?;
-    let upstreams = Arc::new(Upstreams::new(&config)?);
     let wake = Arc::new(Notify::new());
     let appended = Arc::new(AtomicUsize::new(0));
+    let forwarder = Arc::new(crate::forwarding::forwarder(
+        &config,
+        spool.clone(),
+        wake.clone(),
+        appended.clone(),
+    )?);
 
     let ingest_state = Arc::new(IngestState {
         spool: spool.clone(),
@@ -107,9 +130,6 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
                 .with_state(ops.clone()),
         );
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let local = listener.local_addr()?;
     tracing::info!(
         listen = %local,
@@ -120,13 +140,6 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
         "tributary relay ready"
     );
 
-    let forwarder = Arc::new(Forwarder::new(
-        spool.clone(),
-        upstreams,
-        forwarder_config(&config),
-        wake,
-        appended,
-    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let forward_task = if no_forward {
         None
@@ -169,7 +182,7 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
     };
     tracing::debug!(?limits, "server limits");
     let server = crate::http_server::serve(listener, app, limits, async move {
-        shutdown_signal().await;
+        shutdown.await;
         ops_for_signal.ready.store(false, Ordering::Relaxed);
         tracing::info!("shutting down: no new requests; finishing in-flight ones");
         let _ = signalled_at.set(Instant::now());
@@ -220,26 +233,9 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Derives forwarder limits from the relay's settings.
-pub fn forwarder_config(config: &RelayConfig) -> ForwarderConfig {
-    ForwarderConfig {
-        max_batch_bytes: config.max_batch_bytes,
-        max_batch_events: config.max_batch_events,
-        concurrency: config.concurrency,
-        flush_interval: config.flush_interval,
-        max_retry_delay: config.max_retry_delay,
-        lease_for: config.lease_timeout,
-        isolation_budget: config.isolation_budget,
-        suspect_delay: SUSPECT_DELAY,
-    }
-}
-
 /// Client connections at once when `--max-connections` is not set (and the file limit
 /// allows it).
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-
-/// How long payloads whose isolation the budget cut short wait before the next try.
-const SUSPECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Retention upkeep once a minute.
 async fn maintain(spool: Arc<dyn Spool>, mut stop: watch::Receiver<bool>) {

@@ -29,9 +29,23 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 use tributary_spool::Spool;
 
-/// Installs the process-wide Prometheus recorder. Histograms get buckets fit for batch sizes
-/// and latencies rather than summaries, so they aggregate across relays.
+/// The process-wide Prometheus recorder, installed on first use. Histograms get buckets fit
+/// for batch sizes and latencies rather than summaries, so they aggregate across relays.
+///
+/// `metrics` has one global recorder per process: relays run in one process (tests, an
+/// embedding program) share it and its counters.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let _one_at_a_time = INSTALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("tributary_upstream_batch_events".into()),
@@ -48,7 +62,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             ],
         )?
         .install_recorder()?;
-    Ok(handle)
+    Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
 /// Refreshes the spool gauges every few seconds until `stop`.

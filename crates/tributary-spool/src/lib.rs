@@ -15,7 +15,9 @@ use async_trait::async_trait;
 mod audit;
 pub mod clock;
 pub mod dispatcher;
+pub mod forward;
 mod payload;
+mod route;
 mod sqlite;
 pub mod sqs;
 
@@ -24,6 +26,7 @@ pub use dispatcher::{
     SpoolDispatcher, SpoolDispatcherBuilder, SpoolDispatcherError, SpoolDispatcherStats,
 };
 pub use payload::Payload;
+pub use route::Route;
 pub use sqlite::{DB_FILE, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode};
 pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsSpool};
 

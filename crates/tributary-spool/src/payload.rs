@@ -3,6 +3,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tributary::{RawBatch, RawBatchError};
 
+use crate::Route;
+
 /// One stored payload: which upstream it goes to, its header (every top-level field but
 /// `visitors`, canonical form, see [`RawBatch::header`]) and its visitors as one
 /// comma-separated run of JSON objects, exactly as received.
@@ -21,8 +23,8 @@ use tributary::{RawBatch, RawBatchError};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
-    /// Name of the upstream it must go to (`us`, `eu`, ...).
-    pub route: String,
+    /// The upstream it must go to.
+    pub route: Route,
     /// Canonical header.
     pub header: Bytes,
     /// Visitor objects joined by commas, without brackets.
@@ -33,7 +35,7 @@ pub struct Payload {
 
 impl Payload {
     /// A payload for `route` holding `batch`.
-    pub fn from_batch(route: impl Into<String>, batch: &RawBatch) -> Payload {
+    pub fn from_batch(route: impl Into<Route>, batch: &RawBatch) -> Payload {
         let visitors = batch.visitors();
         let len = visitors.iter().map(Bytes::len).sum::<usize>() + visitors.len();
         let mut run = BytesMut::with_capacity(len);

@@ -83,7 +83,7 @@ fn drain<S: Spool>(
                 let body = l.payload.to_batch().unwrap().encode();
                 for u in tributary_testkit::event_uuids(&body) {
                     seen.entry(u)
-                        .or_insert_with(|| (l.payload.route.clone(), 0))
+                        .or_insert_with(|| (l.payload.route.to_string(), 0))
                         .1 += 1;
                 }
             }

@@ -68,7 +68,7 @@ fn visitors(leased: &[Leased]) -> Vec<(String, String)> {
             let v: serde_json::Value = serde_json::from_slice(v).unwrap();
             out.push((
                 v["visitor_id"].as_str().unwrap().to_owned(),
-                l.payload.route.clone(),
+                l.payload.route.to_string(),
             ));
         }
     }

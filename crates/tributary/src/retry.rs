@@ -33,6 +33,10 @@ pub enum Jitter {
     /// clients that failed together do not come back together.
     #[default]
     Full,
+    /// Wait half the backoff plus a uniformly random part of the other half ("equal
+    /// jitter"): spread like full jitter, but never much shorter than the backoff. For
+    /// retries of work held durably, where a near-zero wait would only re-send early.
+    Equal,
     /// Wait exactly the backoff (for tests and for reasoning about worst cases).
     None,
 }
@@ -141,7 +145,45 @@ impl RetryPolicy {
                 let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
                 Duration::from_nanos(rng.random_range(0..=nanos))
             }
+            Jitter::Equal => {
+                let half = u64::try_from(ceiling.as_nanos() / 2).unwrap_or(u64::MAX / 2);
+                Duration::from_nanos(half + rng.random_range(0..=half))
+            }
         }
+    }
+
+    /// The wait before trying again a request that is held durably (a spooled payload), after
+    /// `attempt` failed attempts (1-based): the jittered backoff, or the server's
+    /// `Retry-After` when longer, but never more than `max_backoff`: a server asking for a
+    /// day does not hold a spool for a day. There is no attempt limit and no budget here:
+    /// whoever holds the request decides when to give up (a retention period).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tributary::retry::{Jitter, RetryPolicy};
+    /// let policy = RetryPolicy {
+    ///     initial_backoff: Duration::from_secs(1),
+    ///     max_backoff: Duration::from_secs(300),
+    ///     jitter: Jitter::None,
+    ///     ..RetryPolicy::default()
+    /// };
+    /// let mut rng = rand::rng();
+    /// assert_eq!(policy.held_delay(4, None, &mut rng), Duration::from_secs(8));
+    /// let asked = Some(Duration::from_secs(20));
+    /// assert_eq!(policy.held_delay(1, asked, &mut rng), Duration::from_secs(20));
+    /// let a_day = Some(Duration::from_secs(86_400));
+    /// assert_eq!(policy.held_delay(1, a_day, &mut rng), Duration::from_secs(300));
+    /// ```
+    pub fn held_delay<R: Rng + ?Sized>(
+        &self,
+        attempt: u32,
+        retry_after: Option<Duration>,
+        rng: &mut R,
+    ) -> Duration {
+        let backoff = self.backoff(attempt, rng);
+        retry_after
+            .map_or(backoff, |ra| ra.max(backoff))
+            .min(self.max_backoff)
     }
 
     /// How long to wait before the next attempt, or `None` to give up.

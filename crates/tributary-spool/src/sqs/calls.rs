@@ -14,6 +14,7 @@ use aws_sdk_sqs::types::{
     BatchResultErrorEntry, ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
 use tokio::task::JoinSet;
+use tributary::retry::{Jitter, RetryPolicy};
 
 use super::Inner;
 use super::message::Outgoing;
@@ -27,9 +28,16 @@ const MAX_ENTRIES: usize = 10;
 /// or its visibility ran out and someone else received it.
 const INVALID_RECEIPT: &str = "ReceiptHandleIsInvalid";
 
-/// Pause before retry `n` (1-based): 50 ms, 100 ms, 200 ms, ... at most 2 s.
-fn pause(n: u32) -> Duration {
-    Duration::from_millis(50u64 << n.saturating_sub(1).min(5)).min(Duration::from_secs(2))
+/// The pause before retrying entries after failed round `n` (1-based): from 50 ms, doubled,
+/// at most 1.6 s, with equal jitter so that forwarders retrying together spread out.
+fn pause_policy() -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(1600),
+        multiplier: 2.0,
+        jitter: Jitter::Equal,
+        ..RetryPolicy::default()
+    }
 }
 
 /// What became of one call's entries: indices (into the call's items) to retry, and a
@@ -126,7 +134,8 @@ where
             return Ok(());
         }
         if attempt > 1 {
-            tokio::time::sleep(pause(attempt - 1)).await;
+            let pause = pause_policy().backoff(attempt - 1, &mut rand::rng());
+            tokio::time::sleep(pause).await;
             tracing::debug!(
                 what,
                 entries = items.len(),
@@ -424,8 +433,11 @@ mod tests {
 
     #[test]
     fn pauses_grow_and_are_capped() {
-        assert_eq!(pause(1), Duration::from_millis(50));
-        assert_eq!(pause(2), Duration::from_millis(100));
-        assert_eq!(pause(30), Duration::from_millis(1600));
+        let policy = pause_policy();
+        assert_eq!(policy.backoff_ceiling(1), Duration::from_millis(50));
+        assert_eq!(policy.backoff_ceiling(2), Duration::from_millis(100));
+        assert_eq!(policy.backoff_ceiling(30), Duration::from_millis(1600));
+        let pause = policy.backoff(3, &mut rand::rng());
+        assert!(pause >= Duration::from_millis(100) && pause <= Duration::from_millis(200));
     }
 }

@@ -241,7 +241,7 @@ fn to_dead_letter(r: &Received) -> DeadLetter {
         // Keep the body visible to the operator as is.
         Err(why) => (
             Payload {
-                route: r.route.clone(),
+                route: r.route.as_str().into(),
                 header: bytes::Bytes::new(),
                 visitors: bytes::Bytes::from(r.body.clone().into_bytes()),
                 visitor_count: 0,

@@ -127,7 +127,7 @@ pub(super) fn encode(
                 .map_err(|e| SpoolError::Storage(format!("payload is not UTF-8: {e}")))?;
             Ok(Outgoing {
                 body: sqs_safe(body),
-                route: payload.route.clone(),
+                route: payload.route.as_str().to_owned(),
                 appended_at_ms: now,
                 dead: None,
                 delay_secs: 0,
@@ -190,7 +190,7 @@ impl Received {
             (reason.to_owned(), at)
         });
         let payload = RawBatch::parse(Bytes::from(body.clone().into_bytes()))
-            .map(|batch| Payload::from_batch(route.clone(), &batch))
+            .map(|batch| Payload::from_batch(route.as_str(), &batch))
             .map_err(|e| format!("message body is not an Event API payload: {e}"));
         Some(Received {
             receipt,

@@ -1,0 +1,351 @@
+//! Store and forward: a [`Forwarder`] moves payloads from any [`Spool`] to the Event API,
+//! spool in, few large upstream requests out. The relay runs one beside its ingest; a
+//! program that writes to a spool with [`crate::SpoolDispatcher`] can run one in process.
+//!
+//! One cycle leases a window of pending payloads, groups them by route and header (payloads
+//! merge only when every top-level field but `visitors` is equal and they go to the same
+//! upstream), packs each group into batches of at most `max_batch_bytes` and
+//! `max_batch_events`, and sends the batches with bounded concurrency. Each payload's fate
+//! follows its batch's answer:
+//!
+//! - 2xx: acknowledged (deleted from the spool);
+//! - transient failure (connection, timeout, 5xx, 408, 429): released, visible again after a
+//!   backoff that grows with the payload's attempts, or after the upstream's `Retry-After`;
+//! - a 4xx that blames the content (400, 413, 422): the batch is taken apart into its
+//!   visitors and isolated (see [`tributary::isolate`]) until each refused part is a single
+//!   visitor sent alone. Only such a visitor becomes a dead letter (with its payload's
+//!   route and header, the status and the upstream's answer); every other visitor is
+//!   delivered, the other visitors of the same client payload included;
+//! - another 4xx (401, 403, 404, ...): a configuration problem, not the payload's: released
+//!   with the longest delay and logged, so nothing is lost while an operator fixes it.
+//!
+//! Isolation draws on a budget of requests per cycle ([`ForwarderConfig::isolation_budget`]). What is not
+//! isolated when it runs out goes back to the spool, visible again after a short delay, and
+//! is remembered as suspect ([`Suspects`]): the next cycle packs suspect payloads in batches
+//! no larger than the group they were left in. A payload is never cut here, so one larger
+//! than its group is sent whole and its search restarts from its top. Nothing is
+//! dead-lettered for want of budget.
+//!
+//! Cost, with `k` refused visitors among the `n` of a batch: one request for the batch,
+//! then at most `2·k·⌈log2 n⌉` for isolation (fewer when refused visitors share halves),
+//! plus one request per unresolved group each time the budget runs out.
+
+mod deliver;
+mod pack;
+mod suspects;
+mod upstream;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tributary::isolate::IsolationBudget;
+
+use crate::{Receipt, Spool, SpoolError};
+use deliver::Delivery;
+use pack::pack;
+use suspects::SUSPECTS_CAPACITY;
+pub use suspects::Suspects;
+pub use upstream::{UpstreamConfig, Upstreams};
+
+/// Forwarder limits.
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    /// Largest upstream payload in bytes.
+    pub max_batch_bytes: usize,
+    /// Most visitors in one upstream payload.
+    pub max_batch_events: usize,
+    /// Upstream requests in flight at once.
+    pub concurrency: usize,
+    /// Longest time a payload waits for company before it is sent anyway.
+    pub flush_interval: Duration,
+    /// Cap on the retry delay of a failed payload.
+    pub max_retry_delay: Duration,
+    /// How long a lease hides payloads from other forwarders; must outlast one send.
+    pub lease_for: Duration,
+    /// Most upstream requests one cycle spends isolating refused visitors.
+    pub isolation_budget: usize,
+    /// How long what isolation did not finish waits before the next try.
+    pub suspect_delay: Duration,
+}
+
+impl Default for ForwarderConfig {
+    /// The relay's defaults: Event API sized batches (3.5 MB, 10,000 visitors), 4 requests in
+    /// flight, a 1 s merge window, retries backing off to 5 minutes, 1 minute leases, 1,000
+    /// isolation requests per cycle, and 1 s before an unfinished isolation goes on.
+    fn default() -> Self {
+        ForwarderConfig {
+            max_batch_bytes: tributary::MAX_PAYLOAD_BYTES,
+            max_batch_events: 10_000,
+            concurrency: 4,
+            flush_interval: Duration::from_secs(1),
+            max_retry_delay: Duration::from_secs(300),
+            lease_for: Duration::from_secs(60),
+            isolation_budget: 1000,
+            suspect_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ForwarderConfig {
+    /// Most bytes leased at once: enough to fill every concurrent request.
+    fn window_bytes(&self) -> usize {
+        self.max_batch_bytes.saturating_mul(self.concurrency)
+    }
+}
+
+/// What one or more cycles did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ForwardSummary {
+    /// Payloads leased.
+    pub leased: u64,
+    /// Upstream requests made (bisection included).
+    pub requests: u64,
+    /// Events (visitors) delivered.
+    pub events_delivered: u64,
+    /// Payloads delivered.
+    pub payloads_delivered: u64,
+    /// Payloads released for a later retry.
+    pub payloads_retried: u64,
+    /// Dead letters created (one per visitor refused alone, or per payload refused whole).
+    pub payloads_dead: u64,
+    /// Events (visitors) moved to the dead letters.
+    pub events_dead: u64,
+    /// Requests spent on isolation (included in `requests`).
+    pub isolation_requests: u64,
+    /// Events whose isolation the budget cut short: released as suspect, not dead.
+    pub events_unresolved: u64,
+}
+
+impl ForwardSummary {
+    fn add(&mut self, o: ForwardSummary) {
+        self.leased += o.leased;
+        self.requests += o.requests;
+        self.events_delivered += o.events_delivered;
+        self.payloads_delivered += o.payloads_delivered;
+        self.payloads_retried += o.payloads_retried;
+        self.payloads_dead += o.payloads_dead;
+        self.events_dead += o.events_dead;
+        self.isolation_requests += o.isolation_requests;
+        self.events_unresolved += o.events_unresolved;
+    }
+}
+
+/// Moves payloads from a spool to the upstreams.
+pub struct Forwarder {
+    spool: Arc<dyn Spool>,
+    upstreams: Arc<Upstreams>,
+    config: ForwarderConfig,
+    wake: Arc<Notify>,
+    appended_bytes: Arc<AtomicUsize>,
+    /// Receipts leased and not yet settled: released at once when forwarding stops.
+    in_flight: Arc<Mutex<HashSet<Receipt>>>,
+    suspects: Arc<Suspects>,
+}
+
+/// The pause after `n` failed cycles in a row that could not read the spool: from 100 ms,
+/// doubled, at most 6.4 s.
+fn spool_error_backoff() -> tributary::RetryPolicy {
+    tributary::RetryPolicy {
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(6400),
+        multiplier: 2.0,
+        jitter: tributary::retry::Jitter::Equal,
+        ..tributary::RetryPolicy::default()
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (a set of receipts).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Forwarder {
+    /// A forwarder woken early by `wake` once `appended_bytes` fills a batch.
+    pub fn new(
+        spool: Arc<dyn Spool>,
+        upstreams: Arc<Upstreams>,
+        config: ForwarderConfig,
+        wake: Arc<Notify>,
+        appended_bytes: Arc<AtomicUsize>,
+    ) -> Self {
+        Forwarder {
+            spool,
+            upstreams,
+            config,
+            wake,
+            appended_bytes,
+            in_flight: Arc::default(),
+            suspects: Arc::new(Suspects::new(SUSPECTS_CAPACITY)),
+        }
+    }
+
+    /// Forwards until `stop` turns true, then returns. Cycles run back to back while there is
+    /// a backlog; otherwise the forwarder waits for a full batch's worth of appends or the
+    /// flush interval, whichever comes first.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) {
+        let mut spool_errors = 0u32;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let stopped = async {
+                while !*stop.borrow() {
+                    if stop.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let Some(result) = self.cycle_or_stop(stopped).await else {
+                return;
+            };
+            match result {
+                Ok((summary, full)) => {
+                    spool_errors = 0;
+                    if full || summary.requests > 0 && self.backlog() {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    spool_errors = spool_errors.saturating_add(1);
+                    tracing::error!(error = %e, "forwarder cannot read the spool");
+                    let pause = spool_error_backoff().backoff(spool_errors, &mut rand::rng());
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.flush_interval) => {}
+                _ = self.wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Forwards until nothing is visible in the spool or `deadline` passes.
+    pub async fn drain(&self, deadline: Instant) -> Result<ForwardSummary, SpoolError> {
+        let mut total = ForwardSummary::default();
+        while Instant::now() < deadline {
+            let timeout = tokio::time::sleep_until(deadline.into());
+            let Some(result) = self.cycle_or_stop(timeout).await else {
+                break;
+            };
+            let (summary, _) = result?;
+            total.add(summary);
+            if summary.events_unresolved > 0 {
+                // Isolation ran out of budget and released the rest as suspect: it is
+                // visible again after the suspect delay; wait for it rather than stop.
+                let pause = self.config.suspect_delay;
+                if Instant::now() + pause >= deadline {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            if summary.leased == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    fn backlog(&self) -> bool {
+        self.appended_bytes.load(Ordering::Relaxed) >= self.config.max_batch_bytes
+    }
+
+    /// Runs one cycle unless `stop` resolves first; then the cycle's sends are abandoned
+    /// and its unsettled payloads released at once, so the next forwarder (after a restart,
+    /// say) need not wait for their leases to run out.
+    async fn cycle_or_stop(
+        &self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Option<Result<(ForwardSummary, bool), SpoolError>> {
+        tokio::select! {
+            result = self.cycle() => Some(result),
+            () = stop => {
+                let receipts: Vec<Receipt> = lock(&self.in_flight).drain().collect();
+                if !receipts.is_empty() {
+                    // Releasing a receipt that was acked meanwhile does nothing.
+                    if let Err(e) = self.spool.release(&receipts, Duration::ZERO).await {
+                        tracing::warn!(error = %e, "could not release leases; they will expire");
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// One lease-send-settle round. Returns what it did and whether the lease window was
+    /// full (a backlog: go again at once).
+    pub async fn cycle(&self) -> Result<(ForwardSummary, bool), SpoolError> {
+        self.appended_bytes.store(0, Ordering::Relaxed);
+        let window_payloads = self
+            .config
+            .max_batch_events
+            .saturating_mul(self.config.concurrency);
+        let leased = self
+            .spool
+            .lease(
+                window_payloads,
+                self.config.window_bytes(),
+                self.config.lease_for,
+            )
+            .await?;
+        let mut summary = ForwardSummary {
+            leased: leased.len() as u64,
+            ..Default::default()
+        };
+        if leased.is_empty() {
+            return Ok((summary, false));
+        }
+        let leased_bytes: usize = leased.iter().map(|l| l.payload.stored_len()).sum();
+        let full =
+            leased.len() >= window_payloads || leased_bytes >= self.config.window_bytes() / 2;
+
+        lock(&self.in_flight).extend(leased.iter().map(|l| l.receipt.clone()));
+        let batches = pack(leased, &self.config, &self.suspects);
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let budget = Arc::new(IsolationBudget::new(self.config.isolation_budget));
+        let mut tasks = JoinSet::new();
+        for batch in batches {
+            let permits = permits.clone();
+            let in_flight = self.in_flight.clone();
+            let delivery = Delivery {
+                spool: self.spool.clone(),
+                upstreams: self.upstreams.clone(),
+                suspects: self.suspects.clone(),
+                budget: budget.clone(),
+                max_retry_delay: self.config.max_retry_delay,
+                suspect_delay: self.config.suspect_delay,
+            };
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let receipts: Vec<Receipt> =
+                    batch.items.iter().map(|l| l.receipt.clone()).collect();
+                let result = delivery.deliver(batch).await;
+                let mut held = lock(&in_flight);
+                for r in &receipts {
+                    held.remove(r);
+                }
+                result
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(s)) => summary.add(s),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => tracing::error!(error = %e, "a delivery task failed"),
+            }
+        }
+        if budget.left() == 0 && self.config.isolation_budget > 0 {
+            metrics::counter!("tributary_isolation_budget_exhausted_total").increment(1);
+        }
+        Ok((summary, full))
+    }
+}
