@@ -207,7 +207,7 @@ async fn read_body(
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), IngestError> {
     use http_body_util::BodyExt;
     let limit = state.max_body_bytes;
-    let mut buf = bytes::BytesMut::new();
+    let mut buf: Vec<u8> = Vec::new();
     let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -225,24 +225,32 @@ async fn read_body(
                 format!("body over {limit} bytes"),
             ));
         }
-        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let permit = state
-            .body_budget
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| {
-                busy(
-                    "relay busy: the memory for request bodies is in use (--max-buffered-bytes)"
-                        .into(),
-                )
-            })?;
-        match &mut held {
-            Some(h) => h.merge(permit),
-            None => held = Some(permit),
+        // The budget counts what the buffer allocates, not what it holds: growing by
+        // doubling can take twice the bytes read, and it is the allocation that costs RSS.
+        let needed = buf.len() + data.len();
+        if needed > buf.capacity() {
+            let grown = needed.max(buf.capacity().saturating_mul(2)).min(limit);
+            let more = grown - buf.capacity();
+            let n = u32::try_from(more).unwrap_or(u32::MAX);
+            let permit = state
+                .body_budget
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| {
+                    busy(
+                        "relay busy: the memory for request bodies is in use (--max-buffered-bytes)"
+                            .into(),
+                    )
+                })?;
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+            buf.reserve_exact(grown - buf.len());
         }
         buf.extend_from_slice(&data);
     }
-    Ok((buf.freeze(), held))
+    Ok((Bytes::from(buf), held))
 }
 
 fn spool_error(e: SpoolError) -> IngestError {

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{RelayProcess, payload, post, post_json, relay_args, run_cli, uuids};
+use support::{InProcessRelay, RelayProcess, payload, post, post_json, relay_args, run_cli, uuids};
 use tributary_testkit::{RecordingUpstream, Reply, Script, delivered_uuids};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -64,7 +64,7 @@ fn tokens_from_a_file_and_any_case_of_the_scheme() {
     let file = dir.path().join("tokens");
     std::fs::write(&file, "# team shop\ns3cret-a\ns3cret-b\n").unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&relay_args(
+    let relay = InProcessRelay::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--auth-tokens-file", file.to_str().unwrap()],
@@ -105,7 +105,7 @@ fn one_large_post_is_split_to_max_batch_events_upstream() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&relay_args(
+    let relay = InProcessRelay::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--max-batch-events", "100"],
@@ -147,7 +147,7 @@ fn bodies_cut_short_or_padded_get_the_right_answer() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&relay_args(&upstream.url(), spool.to_str().unwrap(), &[]));
+    let relay = InProcessRelay::serve(&relay_args(&upstream.url(), spool.to_str().unwrap(), &[]));
     let url = relay.url("/v1/events");
     let gz = [
         ("content-type", "application/json"),
@@ -168,7 +168,7 @@ fn bodies_cut_short_or_padded_get_the_right_answer() {
     assert!(text.contains("gzip"), "{text}");
 
     // A body that ends before its Content-Length: 400, not 413.
-    let addr = relay.addr.unwrap();
+    let addr = relay.addr;
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
@@ -286,12 +286,12 @@ fn a_body_that_never_arrives_gets_408() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&relay_args(
+    let relay = InProcessRelay::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--body-timeout", "1s"],
     ));
-    let mut s = start_upload(relay.addr.unwrap(), 5000, 10);
+    let mut s = start_upload(relay.addr, 5000, 10);
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut answer = vec![0u8; 4096];
     let n = s.read(&mut answer).unwrap();
@@ -326,12 +326,12 @@ fn slowloris_connections_are_closed_by_the_header_timeout() {
     let upstream = RecordingUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&relay_args(
+    let relay = InProcessRelay::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--header-timeout", "1s"],
     ));
-    let addr = relay.addr.unwrap();
+    let addr = relay.addr;
     // 2,000 clients that start a request head and never finish it.
     let mut slow: Vec<TcpStream> = (0..2000)
         .map(|_| {

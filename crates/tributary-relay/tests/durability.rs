@@ -13,7 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{
-    RelayProcess, audit_balances, get, payload, post_full, post_json, relay_args, uuids, wait_until,
+    InProcessRelay, RelayProcess, audit_balances, get, payload, post_full, post_json, relay_args,
+    uuids, wait_until,
 };
 use tributary_testkit::{RecordingUpstream, Reply, Script, delivered_uuids};
 
@@ -80,7 +81,7 @@ fn a_full_disk_refuses_politely_loses_nothing_and_recovers_by_itself() {
     let spool_s = spool.to_str().unwrap().to_owned();
     // The upstream is down, so nothing frees the disk until it comes back.
     let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(503)));
-    let relay = RelayProcess::serve(&relay_args(
+    let relay = InProcessRelay::serve(&relay_args(
         &upstream.url(),
         &spool_s,
         &["--spool-reserve-bytes", "600000", "--spool-sync", "normal"],
@@ -360,7 +361,7 @@ fn readiness_tells_the_truth_when_the_spool_cannot_be_written() {
     let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(503)));
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&relay_args(
+    let relay = InProcessRelay::serve(&relay_args(
         &upstream.url(),
         spool.to_str().unwrap(),
         &["--no-forward"],

@@ -8,7 +8,9 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use support::{RelayProcess, payload, post, post_full, post_json, run_cli, uuids, wait_until};
+use support::{
+    InProcessRelay, RelayProcess, payload, post, post_full, post_json, run_cli, uuids, wait_until,
+};
 use tributary_testkit::{RecordedRequest, RecordingUpstream, Reply, Script, delivered_uuids};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -57,7 +59,7 @@ fn python_sdk_events_arrive_once_in_few_large_requests() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let spool = spool.to_str().unwrap();
-    let relay = RelayProcess::serve(&fast(&upstream.url(), spool));
+    let relay = InProcessRelay::serve(&fast(&upstream.url(), spool));
 
     let acked = support::python_sdk_events(&relay.url(""), 150, None);
     // One impression (decide) and one conversion (track) per user, each its own request.
@@ -99,7 +101,7 @@ fn contexts_and_regions_never_mix() {
     let spool = spool.to_str().unwrap();
     let mut args = fast(&us.url(), spool);
     args[3] = eu.url();
-    let relay = RelayProcess::serve(&args);
+    let relay = InProcessRelay::serve(&args);
 
     let mut us_uuids = Vec::new();
     let mut eu_uuids = Vec::new();
@@ -158,7 +160,7 @@ fn bad_requests_get_clear_errors_and_store_nothing() {
         ]
         .map(String::from),
     );
-    let relay = RelayProcess::serve(&args);
+    let relay = InProcessRelay::serve(&args);
     let url = relay.url("/v1/events");
     let good = payload("131", &uuids("ok", 1));
     let auth = ("authorization", "Bearer t0k3n");
@@ -227,7 +229,7 @@ fn a_poison_payload_becomes_a_dead_letter_and_the_rest_is_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let spool_s = spool.to_str().unwrap();
-    let relay = RelayProcess::serve(&fast(&upstream.url(), spool_s));
+    let relay = InProcessRelay::serve(&fast(&upstream.url(), spool_s));
 
     let mut good = Vec::new();
     for i in 0..20 {
@@ -291,7 +293,7 @@ fn a_flaky_upstream_loses_nothing() {
     );
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let relay = RelayProcess::serve(&fast(&upstream.url(), spool.to_str().unwrap()));
+    let relay = InProcessRelay::serve(&fast(&upstream.url(), spool.to_str().unwrap()));
 
     let mut sent = Vec::new();
     for i in 0..100 {
@@ -326,7 +328,7 @@ fn an_outage_holds_everything_until_the_upstream_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let spool_s = spool.to_str().unwrap();
-    let relay = RelayProcess::serve(&fast(&upstream.url(), spool_s));
+    let relay = InProcessRelay::serve(&fast(&upstream.url(), spool_s));
 
     let sent = uuids("outage", 40);
     for chunk in sent.chunks(4) {
@@ -439,7 +441,7 @@ fn merged_batches_never_exceed_max_batch_bytes() {
     // Accept everything first, then forward, so merging has plenty to work with.
     let mut args = fast(&upstream.url(), spool_s);
     args.extend(["--no-forward", "--max-batch-bytes", &limit_s].map(String::from));
-    let mut ingest = RelayProcess::serve(&args);
+    let mut ingest = InProcessRelay::serve(&args);
     let mut sent = Vec::new();
     for i in 0..120 {
         let batch = uuids(&format!("m{i}"), 1 + i % 5);
@@ -457,7 +459,7 @@ fn merged_batches_never_exceed_max_batch_bytes() {
         204
     );
     sent.extend(big);
-    assert!(ingest.terminate(Duration::from_secs(20)).success());
+    ingest.stop();
     assert_eq!(upstream.request_count(), 0, "--no-forward sent something");
 
     let (code, out, err) = run_cli(&[
@@ -496,12 +498,12 @@ fn drain_once_reports_failures_with_exit_status_1() {
     let spool_s = spool.to_str().unwrap();
     let mut args = fast(&upstream.url(), spool_s);
     args.push("--no-forward".to_owned());
-    let mut ingest = RelayProcess::serve(&args);
+    let mut ingest = InProcessRelay::serve(&args);
     assert_eq!(
         post_json(&ingest.url("/v1/events"), &payload("131", &uuids("d", 2))).0,
         204
     );
-    assert!(ingest.terminate(Duration::from_secs(20)).success());
+    ingest.stop();
     let (code, out, _) = run_cli(&[
         "drain",
         "--once",
@@ -526,7 +528,7 @@ fn a_full_spool_answers_503_and_keeps_what_it_acknowledged() {
     let spool_s = spool.to_str().unwrap();
     let mut args = fast(&upstream.url(), spool_s);
     args.extend(["--no-forward", "--spool-max-bytes", "4000"].map(String::from));
-    let mut ingest = RelayProcess::serve(&args);
+    let mut ingest = InProcessRelay::serve(&args);
     let url = ingest.url("/v1/events");
 
     let mut acked = Vec::new();
@@ -550,7 +552,7 @@ fn a_full_spool_answers_503_and_keeps_what_it_acknowledged() {
     let retry_after = refused.expect("the spool never filled up");
     assert!(retry_after.is_some(), "503 without Retry-After");
     assert!(!acked.is_empty());
-    assert!(ingest.terminate(Duration::from_secs(20)).success());
+    ingest.stop();
 
     let (code, out, err) = run_cli(&[
         "drain",

@@ -15,10 +15,13 @@ use async_trait::async_trait;
 mod audit;
 pub mod clock;
 pub mod dispatcher;
+#[cfg(feature = "forward")]
 pub mod forward;
 mod payload;
 mod route;
+#[cfg(feature = "sqlite")]
 mod sqlite;
+#[cfg(feature = "sqs")]
 pub mod sqs;
 
 pub use audit::{Ledger, SpoolAudit, SpoolTotals};
@@ -27,7 +30,9 @@ pub use dispatcher::{
 };
 pub use payload::Payload;
 pub use route::Route;
+#[cfg(feature = "sqlite")]
 pub use sqlite::{DB_FILE, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode};
+#[cfg(feature = "sqs")]
 pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsSpool};
 
 /// Identifies one leased payload until it is acked, released or dead-lettered.

@@ -108,6 +108,7 @@ impl fmt::Display for Route {
 }
 
 /// The SQLite edge: the route is a `TEXT` column.
+#[cfg(feature = "sqlite")]
 mod sql {
     use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 

@@ -1,6 +1,7 @@
-//! Running the real `tributary` binary in tests: start it on a free port, wait until it is
-//! ready, talk to it, stop it with SIGTERM or SIGKILL. Every process started here is killed
-//! on drop.
+//! Running the relay in tests: in process on port 0 ([`InProcessRelay`], real HTTP, real
+//! spool), or as the real `tributary` binary where a process must die or its own behaviour
+//! is under test ([`RelayProcess`]: SIGTERM, SIGKILL, memory, file limits, its log). Every
+//! relay started here is stopped on drop.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -39,6 +40,94 @@ pub fn repo_root() -> PathBuf {
 /// The shared fixtures directory.
 pub fn shared_fixtures() -> PathBuf {
     repo_root().join("../shared/fixtures/python-sdk-5.7.0")
+}
+
+/// `tributary serve` run in this process by [`tributary_relay::serve::run`], on a listener
+/// bound to a free loopback port, in a runtime of its own.
+pub struct InProcessRelay {
+    /// Address it listens on.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// `serve`'s flags, parsed as the binary parses them.
+#[derive(clap::Parser)]
+struct ServeCli {
+    #[command(flatten)]
+    args: tributary_relay::serve::ServeArgs,
+}
+
+impl InProcessRelay {
+    /// Starts a relay with `serve` flags `args` (`--listen` is ignored: port 0 is bound).
+    /// Returns once the port is bound; requests made before the spool is open wait in the
+    /// listen backlog.
+    pub fn serve<S: AsRef<str>>(args: &[S]) -> InProcessRelay {
+        let argv = std::iter::once("serve").chain(args.iter().map(AsRef::as_ref));
+        let cli = <ServeCli as clap::Parser>::try_parse_from(argv).unwrap();
+        let (config, no_forward) = cli.args.resolve().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                tributary_relay::serve::run(listener, config, !no_forward, shutdown).await
+            })
+        });
+        InProcessRelay {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://ADDR` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// For assertion messages shared with [`RelayProcess::log_text`]: an in-process relay's
+    /// log is not captured (run the test with `RUST_LOG` and a subscriber to see it).
+    pub fn log_text(&self) -> String {
+        format!(
+            "(relay in process on {}; its log is not captured)",
+            self.addr
+        )
+    }
+
+    /// Shuts the relay down as SIGTERM does (stop accepting, finish requests, forward for
+    /// the shutdown grace, close the spool) and waits for it; panics if it failed.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(result) => result.unwrap(),
+                Err(_) => panic!("the relay's thread panicked"),
+            }
+        }
+    }
+}
+
+impl Drop for InProcessRelay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// A running `tributary serve` (or `drain`) process.
