@@ -25,6 +25,7 @@
 //! assert_eq!(log_events[0].url, "https://logx.optimizely.com/v1/events");
 //! ```
 
+pub mod bridge;
 pub mod datafile;
 pub mod dispatcher;
 pub mod event;
