@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tributary::DispatchError;
-use tributary::dispatcher::http::{HttpConfig, HttpTransport};
+use tributary::dispatcher::transport::{HttpConfig, HttpTransport};
 use tributary::retry::RetryPolicy;
 
 use crate::config::RelayConfig;

@@ -41,7 +41,8 @@ pub mod user_event_factory;
 pub mod validate;
 
 pub use datafile::{DatafileError, ProjectConfig};
-pub use dispatcher::http::{HttpConfig, HttpDispatcher, HttpDispatcherError, HttpTransport};
+pub use dispatcher::http::HttpDispatcher;
+pub use dispatcher::transport::{HttpConfig, HttpDispatcherError, HttpTransport};
 pub use dispatcher::{DispatchError, EventDispatcher};
 pub use event::{
     AttributeValue, Conversion, EventContext, Impression, Region, UserEvent, UserEventKind,
