@@ -10,7 +10,19 @@
 //!
 //! - [`event`]: the user events and their context.
 //! - [`EventFactory`]: many user events to [`LogEvent`]s of at most 3.5 MB each.
-//! - [`payload`]: the Event API `EventBatch` as typed values; [`raw`]: as bytes.
+//! - [`payload`]: the Event API `EventBatch` as typed values; [`raw`]: as bytes, and the one
+//!   writer of request bodies ([`raw::write_body`]).
+//! - [`processor`]: [`BatchEventProcessor`] (batches on its own threads) and
+//!   [`ForwardingEventProcessor`].
+//! - [`dispatcher`]: the [`EventDispatcher`] trait; with the `http` feature (default),
+//!   `dispatcher::transport` (the async `HttpTransport`) and `dispatcher::http` (the sync
+//!   `HttpDispatcher`).
+//! - [`isolate`]: finding the visitors a destination refuses; [`retry`]: [`RetryPolicy`].
+//! - [`bridge`]: [`RuntimeBridge`](bridge::RuntimeBridge), how sync dispatchers call async
+//!   code on a private runtime.
+//!
+//! Cargo features: `http` (default) brings the HTTP dispatcher and reqwest; without it,
+//! give the processor your own dispatcher.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -41,7 +53,9 @@ pub mod user_event_factory;
 pub mod validate;
 
 pub use datafile::{DatafileError, ProjectConfig};
+#[cfg(feature = "http")]
 pub use dispatcher::http::HttpDispatcher;
+#[cfg(feature = "http")]
 pub use dispatcher::transport::{HttpConfig, HttpDispatcherError, HttpTransport};
 pub use dispatcher::{DispatchError, EventDispatcher};
 pub use event::{
