@@ -543,7 +543,7 @@ fn auth_tokens(
 /// Checks an upstream URL with a real URL parser: http or https, a host, a valid port.
 fn check_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
     let invalid = |message: String| ConfigError::Invalid { name, message };
-    let shown = tributary::dispatcher::http::redact_url(url);
+    let shown = tributary::dispatcher::transport::redact_url(url);
     let parsed =
         reqwest::Url::parse(url).map_err(|e| invalid(format!("{shown:?} is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {

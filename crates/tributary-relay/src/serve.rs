@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tokio::sync::{Notify, watch};
-use tributary::dispatcher::http::redact_url;
+use tributary::dispatcher::transport::redact_url;
 use tributary_spool::Spool;
 
 use crate::config::{RelayConfig, RelaySettings};

@@ -8,9 +8,9 @@
 //! durable buffer that a `tributary drain` (or `serve`) on the same directory forwards.
 //!
 //! `dispatch` is synchronous (the processor calls it from its own thread) while spools are
-//! async, so the dispatcher owns a private thread with a single-threaded tokio runtime and
-//! blocks the caller on a reply channel, like the HTTP dispatcher: it never needs, and
-//! never blocks, the caller's runtime.
+//! async, so the dispatcher owns a [`RuntimeBridge`] (a private thread with a
+//! single-threaded tokio runtime) and blocks the caller until the append is settled, like
+//! the HTTP dispatcher: it never needs, and never blocks, the caller's runtime.
 //!
 //! ```no_run
 //! use tributary::BatchEventProcessor;
@@ -27,10 +27,9 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tributary::bridge::RuntimeBridge;
 use tributary::{DispatchError, EventDispatcher, LogEvent, Region};
 
 use crate::{Payload, Spool, SpoolError};
@@ -135,57 +134,17 @@ impl SpoolDispatcherBuilder {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<S, SpoolError>> + 'static,
     {
-        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel::<Job>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<Arc<S>, SpoolError>>(1);
-        let settings = self.settings.clone();
-        let counters = Arc::new(Counters::default());
-        let worker_counters = counters.clone();
-        let worker = std::thread::Builder::new()
-            .name("tributary-spool-dispatcher".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(SpoolError::Storage(format!("no runtime: {e}"))));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let spool = match open().await {
-                        Ok(s) => Arc::new(s),
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    if ready_tx.send(Ok(spool.clone())).is_err() {
-                        return;
-                    }
-                    serve(spool, jobs_rx, settings, worker_counters).await;
-                });
-            })
+        let bridge = RuntimeBridge::builder("tributary-spool-dispatcher")
+            .build()
             .map_err(|e| SpoolDispatcherError::Worker(e.to_string()))?;
-        let spool = match ready_rx.recv() {
-            Ok(Ok(spool)) => spool,
-            Ok(Err(e)) => {
-                let _ = worker.join();
-                return Err(SpoolDispatcherError::Open(e));
-            }
-            Err(_) => {
-                let _ = worker.join();
-                return Err(SpoolDispatcherError::Worker(
-                    "the worker thread died".into(),
-                ));
-            }
-        };
+        let spool = bridge
+            .call(open)
+            .map_err(|e| SpoolDispatcherError::Worker(e.to_string()))??;
         Ok(SpoolDispatcher {
-            jobs: Some(jobs_tx),
-            worker: Some(worker),
-            spool,
-            counters,
+            bridge,
+            spool: Arc::new(spool),
+            settings: Arc::new(self.settings),
+            counters: Arc::new(Counters::default()),
         })
     }
 }
@@ -202,9 +161,10 @@ impl SpoolDispatcherBuilder {
 /// was dropped). Concurrent callers are served concurrently; in-flight appends are bounded
 /// by the number of blocked callers. Dropping it stops and joins its thread.
 pub struct SpoolDispatcher<S: Spool> {
-    jobs: Option<mpsc::UnboundedSender<Job>>,
-    worker: Option<JoinHandle<()>>,
+    // Dropped first: its runtime stops before the spool it served is dropped.
+    bridge: RuntimeBridge,
     spool: Arc<S>,
+    settings: Arc<Settings>,
     counters: Arc<Counters>,
 }
 
@@ -236,35 +196,6 @@ impl<S: Spool> SpoolDispatcher<S> {
             failed: self.counters.failed.load(Ordering::Relaxed),
         }
     }
-}
-
-struct Job {
-    payload: Payload,
-    reply: std::sync::mpsc::SyncSender<Result<(), DispatchError>>,
-}
-
-/// The worker loop: one task per job, so concurrent callers do not wait for each other.
-async fn serve<S: Spool>(
-    spool: Arc<S>,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    settings: Settings,
-    counters: Arc<Counters>,
-) {
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            job = jobs.recv() => {
-                let Some(job) = job else { break };
-                let (spool, settings, counters) = (spool.clone(), settings.clone(), counters.clone());
-                tasks.spawn(async move {
-                    let result = append(&*spool, job.payload, &settings, &counters).await;
-                    let _ = job.reply.send(result);
-                });
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Appends with retries; maps the last error to a [`DispatchError`].
@@ -346,26 +277,14 @@ fn is_eu_url(url: &str) -> bool {
 
 impl<S: Spool> EventDispatcher for SpoolDispatcher<S> {
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
-        let stopped =
-            || DispatchError::Unavailable("the spool dispatcher thread has stopped".into());
-        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
         let payload = Payload::from_batch(route_of(log_event), log_event.batch());
-        let (reply, settled) = std::sync::mpsc::sync_channel(1);
-        jobs.send(Job { payload, reply }).map_err(|_| stopped())?;
-        settled.recv().map_err(|_| stopped())?
-    }
-}
-
-impl<S: Spool> Drop for SpoolDispatcher<S> {
-    fn drop(&mut self) {
-        // Closing the channel ends the worker loop; no dispatch can be in flight (it
-        // borrows self), so the join is immediate.
-        self.jobs.take();
-        if let Some(worker) = self.worker.take()
-            && worker.join().is_err()
-        {
-            tracing::error!("the spool dispatcher thread panicked");
-        }
+        let (spool, settings, counters) = (
+            self.spool.clone(),
+            self.settings.clone(),
+            self.counters.clone(),
+        );
+        self.bridge
+            .call(move || async move { append(&*spool, payload, &settings, &counters).await })?
     }
 }
 

@@ -19,7 +19,7 @@
 //!   not yet isolated is **unresolved**, never rejected: the caller sends it again later in
 //!   smaller groups (the relay releases it to its spool).
 //!
-//! [`HttpTransport`]: crate::dispatcher::http::HttpTransport
+//! [`HttpTransport`]: crate::dispatcher::transport::HttpTransport
 
 use std::future::Future;
 use std::ops::Range;

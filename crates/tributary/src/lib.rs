@@ -10,7 +10,19 @@
 //!
 //! - [`event`]: the user events and their context.
 //! - [`EventFactory`]: many user events to [`LogEvent`]s of at most 3.5 MB each.
-//! - [`payload`]: the Event API `EventBatch` as typed values; [`raw`]: as bytes.
+//! - [`payload`]: the Event API `EventBatch` as typed values; [`raw`]: as bytes, and the one
+//!   writer of request bodies ([`raw::write_body`]).
+//! - [`processor`]: [`BatchEventProcessor`] (batches on its own threads) and
+//!   [`ForwardingEventProcessor`].
+//! - [`dispatcher`]: the [`EventDispatcher`] trait; with the `http` feature (default),
+//!   `dispatcher::transport` (the async `HttpTransport`) and `dispatcher::http` (the sync
+//!   `HttpDispatcher`).
+//! - [`isolate`]: finding the visitors a destination refuses; [`retry`]: [`RetryPolicy`].
+//! - [`bridge`]: [`RuntimeBridge`](bridge::RuntimeBridge), how sync dispatchers call async
+//!   code on a private runtime.
+//!
+//! Cargo features: `http` (default) brings the HTTP dispatcher and reqwest; without it,
+//! give the processor your own dispatcher.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -25,6 +37,7 @@
 //! assert_eq!(log_events[0].url, "https://logx.optimizely.com/v1/events");
 //! ```
 
+pub mod bridge;
 pub mod datafile;
 pub mod dispatcher;
 pub mod event;
@@ -40,7 +53,10 @@ pub mod user_event_factory;
 pub mod validate;
 
 pub use datafile::{DatafileError, ProjectConfig};
-pub use dispatcher::http::{HttpConfig, HttpDispatcher, HttpDispatcherError, HttpTransport};
+#[cfg(feature = "http")]
+pub use dispatcher::http::HttpDispatcher;
+#[cfg(feature = "http")]
+pub use dispatcher::transport::{HttpConfig, HttpDispatcherError, HttpTransport};
 pub use dispatcher::{DispatchError, EventDispatcher};
 pub use event::{
     AttributeValue, Conversion, EventContext, Impression, Region, UserEvent, UserEventKind,

@@ -144,23 +144,9 @@ impl RawBatch {
         )
     }
 
-    /// The request body: `{HEADER,"visitors":[...]}`.
+    /// The request body: `{HEADER,"visitors":[...]}`, written by [`write_body`].
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.encoded_len());
-        out.put_u8(b'{');
-        out.put_slice(&self.header);
-        if !self.header.is_empty() {
-            out.put_u8(b',');
-        }
-        out.put_slice(br#""visitors":["#);
-        for (i, v) in self.visitors.iter().enumerate() {
-            if i > 0 {
-                out.put_u8(b',');
-            }
-            out.put_slice(v);
-        }
-        out.put_slice(b"]}");
-        out.freeze()
+        write_body(&self.header, &self.visitors)
     }
 
     /// A batch with the same header and the visitors `range` of this one.
@@ -222,6 +208,73 @@ impl RawBatch {
 pub fn encoded_len(header_len: usize, visitors_len: usize, count: usize) -> usize {
     let header_comma = usize::from(header_len > 0);
     ENVELOPE_BYTES - 1 + header_comma + header_len + visitors_len + count.saturating_sub(1)
+}
+
+/// Writes a request body: `{`, `header`, a comma if the header is not empty,
+/// `"visitors":[`, the non-empty `visitor_runs` joined by commas, `]}`.
+///
+/// This is the one place the Event API envelope is written. A visitor run is one visitor
+/// object or several joined by commas, without brackets (as a spool stores them); empty
+/// runs are skipped, so they add no stray comma. `header` is every top-level field but
+/// `visitors`, comma-separated, without braces ([`RawBatch::header`]). Nothing is checked or
+/// re-encoded: the caller vouches that both are valid JSON fragments. The output is exactly
+/// [`body_len`] bytes, allocated once.
+///
+/// ```
+/// use tributary::raw::{body_len, write_body};
+/// let runs = [&br#"{"visitor_id":"a"}"#[..], b"", br#"{"visitor_id":"b"},{"visitor_id":"c"}"#];
+/// let body = write_body(br#""account_id":"1""#, runs);
+/// assert_eq!(
+///     &body[..],
+///     br#"{"account_id":"1","visitors":[{"visitor_id":"a"},{"visitor_id":"b"},{"visitor_id":"c"}]}"#
+/// );
+/// assert_eq!(body.len(), body_len(br#""account_id":"1""#.len(), runs));
+/// assert_eq!(&write_body(b"", [b""])[..], br#"{"visitors":[]}"#);
+/// ```
+pub fn write_body<I>(header: &[u8], visitor_runs: I) -> Bytes
+where
+    I: IntoIterator,
+    I::Item: AsRef<[u8]>,
+    I::IntoIter: Clone,
+{
+    let runs = visitor_runs.into_iter();
+    let mut out = BytesMut::with_capacity(body_len(header.len(), runs.clone()));
+    out.put_u8(b'{');
+    out.put_slice(header);
+    if !header.is_empty() {
+        out.put_u8(b',');
+    }
+    out.put_slice(br#""visitors":["#);
+    let mut first = true;
+    for run in runs {
+        let run = run.as_ref();
+        if run.is_empty() {
+            continue;
+        }
+        if !first {
+            out.put_u8(b',');
+        }
+        first = false;
+        out.put_slice(run);
+    }
+    out.put_slice(b"]}");
+    out.freeze()
+}
+
+/// The exact size of [`write_body`]'s output for a header of `header_len` bytes and these
+/// visitor runs, without writing it: [`encoded_len`] over the runs' total length and the
+/// number of non-empty runs.
+pub fn body_len<I>(header_len: usize, visitor_runs: I) -> usize
+where
+    I: IntoIterator,
+    I::Item: AsRef<[u8]>,
+{
+    let (bytes, count) = visitor_runs
+        .into_iter()
+        .map(|r| r.as_ref().len())
+        .filter(|&n| n > 0)
+        .fold((0, 0), |(bytes, count), n| (bytes + n, count + 1));
+    encoded_len(header_len, bytes, count)
 }
 
 /// The top level of a payload, borrowed from the input.
@@ -338,6 +391,30 @@ mod tests {
         let b = RawBatch::from_parts(Bytes::new(), vec![Bytes::from_static(b"{}")]);
         assert_eq!(&b.encode()[..], br#"{"visitors":[{}]}"#);
         assert_eq!(b.encoded_len(), b.encode().len());
+    }
+
+    #[test]
+    fn write_body_joins_runs_as_one_batch_encodes() {
+        let header = Bytes::from_static(br#""a":1,"b":"x""#);
+        let visitors: Vec<Bytes> = ["{\"v\":1}", "{\"v\":2}", "{\"v\":3}"]
+            .into_iter()
+            .map(|v| Bytes::from(v.as_bytes().to_vec()))
+            .collect();
+        let whole = RawBatch::from_parts(header.clone(), visitors.clone()).encode();
+        // The same visitors as runs of one and two, with empty runs between: same bytes.
+        let runs = [
+            Bytes::new(),
+            visitors[0].clone(),
+            Bytes::new(),
+            Bytes::from([&visitors[1][..], b",", &visitors[2][..]].concat()),
+            Bytes::new(),
+        ];
+        let joined = write_body(&header, &runs);
+        assert_eq!(joined, whole);
+        assert_eq!(body_len(header.len(), &runs), joined.len());
+        let empty: [&[u8]; 0] = [];
+        assert_eq!(&write_body(b"", empty)[..], br#"{"visitors":[]}"#);
+        assert_eq!(body_len(0, empty), br#"{"visitors":[]}"#.len());
     }
 
     #[test]

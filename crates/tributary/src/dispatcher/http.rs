@@ -1,16 +1,9 @@
-//! HTTP delivery: the Event API (or a relay) over one pooled keep-alive client, with
-//! retries, `Retry-After`, optional gzip, and bisection of rejected batches.
+//! The synchronous HTTP dispatcher: [`HttpDispatcher`], what the processor thread calls,
+//! over the async [`HttpTransport`], with a hook for the visitors a destination refused.
 //!
-//! Two layers, because the same logic serves the library's processor thread and the relay's
-//! async forwarder:
-//!
-//! - [`HttpTransport`] is async and cheap to clone. [`HttpTransport::send`] is one logical
-//!   delivery of one body, retried per its [`RetryPolicy`];
-//!   [`HttpTransport::deliver_bisecting`] also isolates the visitors a `400` is about,
-//!   with [`crate::isolate`]'s rules: only a visitor refused alone is reported rejected.
-//! - [`HttpDispatcher`] is the synchronous [`EventDispatcher`] for the processor thread. It
-//!   runs the transport on a private thread with its own single-threaded tokio runtime, so
-//!   it can be built, used and dropped anywhere, inside an async runtime or not.
+//! It runs the transport on a [`RuntimeBridge`], a private thread with its own
+//! single-threaded tokio runtime, so it can be built, used and dropped anywhere, inside an
+//! async runtime or not.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -23,465 +16,23 @@
 //!     .request_timeout(Duration::from_secs(5))
 //!     .on_rejected(|r| eprintln!("{} of {} visitors rejected", r.visitors.len(), r.total))
 //!     .build()?;
-//! # Ok::<(), tributary::dispatcher::http::HttpDispatcherError>(())
+//! # Ok::<(), tributary::dispatcher::transport::HttpDispatcherError>(())
 //! ```
 
 use std::fmt;
-use std::io::Write;
-use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use tokio::sync::mpsc;
 
+use super::transport::{HttpConfig, HttpDispatcherError, HttpStats, HttpTransport};
 use super::{DispatchError, EventDispatcher};
-pub use crate::isolate::{BisectOutcome, IsolationBudget, RejectedItem, Undelivered, bisect};
+use crate::bridge::RuntimeBridge;
+use crate::isolate::BisectOutcome;
 use crate::log_event::LogEvent;
+#[cfg(doc)]
 use crate::raw::RawBatch;
-use crate::retry::{Classification, RetryPolicy, classify, parse_retry_after};
-
-/// Longest excerpt of a response body kept in an error message.
-const MAX_MESSAGE_BYTES: usize = 512;
-/// Most bytes of a response body read (and discarded) so the connection can be reused;
-/// a longer body closes the connection instead.
-const MAX_DRAIN_BYTES: usize = 64 * 1024;
-
-/// Settings of an [`HttpTransport`] / [`HttpDispatcher`]. Every field has a documented
-/// default ([`HttpConfig::default`]).
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    /// Send every request here instead of each [`LogEvent::url`] (a relay or proxy).
-    /// Default: `None`. Used by [`HttpDispatcher`]; [`HttpTransport::send`] takes its URL
-    /// from the caller (see [`HttpTransport::endpoint_for`]).
-    pub endpoint: Option<String>,
-    /// Extra request headers (authentication for a relay, routing for a proxy). They
-    /// replace defaults of the same name, `Content-Type` included. Default: none.
-    pub headers: Vec<(String, String)>,
-    /// Bound on one attempt, from connecting to the end of the response (default 10 s).
-    pub request_timeout: Duration,
-    /// Bound on establishing a connection (default 5 s).
-    pub connect_timeout: Duration,
-    /// Compress request bodies (`Content-Encoding: gzip`). Default: `false`, since the
-    /// Event API does not document gzip; relays accept it.
-    pub gzip: bool,
-    /// How long an idle pooled connection is kept (default 90 s).
-    pub pool_idle_timeout: Duration,
-    /// Idle connections kept per host (default 32).
-    pub pool_max_idle_per_host: usize,
-    /// When and how often to retry (default [`RetryPolicy::default`]).
-    pub retry: RetryPolicy,
-    /// `User-Agent` header (default `tributary/<version>`).
-    pub user_agent: String,
-    /// Most isolation requests one dispatch may make after a content refusal (default
-    /// 64; see [`crate::isolate`]). Visitors not isolated when it is spent are reported
-    /// undelivered ([`DispatchError::Incomplete`]), never rejected.
-    pub max_bisect_requests: usize,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            endpoint: None,
-            headers: Vec::new(),
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            gzip: false,
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 32,
-            retry: RetryPolicy::default(),
-            user_agent: format!("tributary/{}", env!("CARGO_PKG_VERSION")),
-            max_bisect_requests: 64,
-        }
-    }
-}
-
-/// Why an [`HttpTransport`] or [`HttpDispatcher`] could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpDispatcherError {
-    /// The endpoint is not an `http`/`https` URL.
-    #[error("invalid endpoint {endpoint:?}: {reason}")]
-    InvalidEndpoint {
-        /// The endpoint as given.
-        endpoint: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A header name or value is not valid HTTP. The value is not repeated: it may be a
-    /// secret.
-    #[error("invalid header {name:?}: {reason}")]
-    InvalidHeader {
-        /// The header name as given.
-        name: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The HTTP client could not be built (TLS setup).
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
-    /// The dispatcher's worker thread or its runtime could not be started.
-    #[error("cannot start the dispatcher thread: {0}")]
-    Worker(String),
-}
-
-impl From<HttpDispatcherError> for DispatchError {
-    fn from(e: HttpDispatcherError) -> Self {
-        DispatchError::Unavailable(e.to_string())
-    }
-}
-
-/// Counters of an [`HttpTransport`] (shared by its clones) or [`HttpDispatcher`].
-/// They are also exported through `metrics` as `tributary_http_requests_total{status}`,
-/// `tributary_http_retries_total` and `tributary_http_rejected_visitors_total`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HttpStats {
-    /// HTTP attempts made (each retry and each bisection request counts).
-    pub requests: u64,
-    /// Attempts that were retries of a failed attempt.
-    pub retries: u64,
-    /// Visitors isolated by bisection and reported rejected.
-    pub rejected_visitors: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    requests: AtomicU64,
-    retries: AtomicU64,
-    rejected_visitors: AtomicU64,
-}
-
-/// Async HTTP delivery with retries over one pooled keep-alive client. Cheap to clone;
-/// clones share the connection pool and the counters. Safe to use from many tasks at once.
-#[derive(Clone)]
-pub struct HttpTransport {
-    inner: Arc<TransportInner>,
-}
-
-struct TransportInner {
-    client: reqwest::Client,
-    endpoint: Option<String>,
-    gzip: bool,
-    request_timeout: Duration,
-    retry: RetryPolicy,
-    max_bisect_requests: usize,
-    counters: Counters,
-}
-
-impl fmt::Debug for HttpTransport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpTransport")
-            .field("endpoint", &self.inner.endpoint)
-            .field("gzip", &self.inner.gzip)
-            .field("retry", &self.inner.retry)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What one attempt came to.
-enum Attempt {
-    Delivered,
-    Retryable {
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    Permanent {
-        status: u16,
-        message: String,
-    },
-}
-
-impl HttpTransport {
-    /// Builds the client. Needs no tokio runtime; requests must run inside one.
-    pub fn new(config: &HttpConfig) -> Result<Self, HttpDispatcherError> {
-        if let Some(endpoint) = &config.endpoint {
-            validate_endpoint(endpoint)?;
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        for (name, value) in &config.headers {
-            let invalid = |reason: String| HttpDispatcherError::InvalidHeader {
-                name: name.clone(),
-                reason,
-            };
-            let n = HeaderName::try_from(name.as_str()).map_err(|e| invalid(e.to_string()))?;
-            let mut v =
-                HeaderValue::try_from(value.as_str()).map_err(|e| invalid(e.to_string()))?;
-            v.set_sensitive(true);
-            headers.insert(n, v);
-        }
-        let user_agent = HeaderValue::try_from(config.user_agent.as_str()).map_err(|e| {
-            HttpDispatcherError::InvalidHeader {
-                name: "User-Agent".into(),
-                reason: e.to_string(),
-            }
-        })?;
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .user_agent(user_agent)
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .tcp_keepalive(Duration::from_secs(30))
-            // A redirected POST may turn into a GET and lose its body: report it instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| HttpDispatcherError::Client(error_chain(&e)))?;
-        Ok(HttpTransport {
-            inner: Arc::new(TransportInner {
-                client,
-                endpoint: config.endpoint.clone(),
-                gzip: config.gzip,
-                request_timeout: config.request_timeout,
-                retry: config.retry.clone(),
-                max_bisect_requests: config.max_bisect_requests.max(1),
-                counters: Counters::default(),
-            }),
-        })
-    }
-
-    /// The configured endpoint if any, else `event_url`.
-    pub fn endpoint_for<'a>(&'a self, event_url: &'a str) -> &'a str {
-        self.inner.endpoint.as_deref().unwrap_or(event_url)
-    }
-
-    /// The retry policy in force.
-    pub fn retry_policy(&self) -> &RetryPolicy {
-        &self.inner.retry
-    }
-
-    /// A snapshot of the counters.
-    pub fn stats(&self) -> HttpStats {
-        let c = &self.inner.counters;
-        HttpStats {
-            requests: c.requests.load(Ordering::Relaxed),
-            retries: c.retries.load(Ordering::Relaxed),
-            rejected_visitors: c.rejected_visitors.load(Ordering::Relaxed),
-        }
-    }
-
-    /// POSTs `body` (JSON) to `url`: one logical delivery, retried per the policy.
-    ///
-    /// `Ok` on any 2xx. Connection errors, timeouts, 5xx, 408 and 429 are retried with
-    /// backoff (or after `Retry-After` when longer) until the attempts or the time budget
-    /// run out, then reported as [`DispatchError::Transient`], carrying the last
-    /// `Retry-After`. Other statuses are [`DispatchError::Permanent`] at once (status `0`
-    /// for a malformed URL). Each attempt's timeout is cut to what the budget has left.
-    pub async fn send(&self, url: &str, body: Bytes) -> Result<(), DispatchError> {
-        let body = if self.inner.gzip { gzip(&body)? } else { body };
-        let policy = &self.inner.retry;
-        let start = Instant::now();
-        let mut attempt: u32 = 1;
-        loop {
-            let left = policy.total_budget.saturating_sub(start.elapsed());
-            let timeout = match self.inner.request_timeout.min(left) {
-                t if t.is_zero() && attempt == 1 => self.inner.request_timeout,
-                t => t,
-            };
-            let (message, retry_after) = match self.attempt(url, body.clone(), timeout).await {
-                Attempt::Delivered => return Ok(()),
-                Attempt::Permanent { status, message } => {
-                    return Err(DispatchError::Permanent { status, message });
-                }
-                Attempt::Retryable {
-                    message,
-                    retry_after,
-                } => (message, retry_after),
-            };
-            let delay = policy.next_delay(attempt, start.elapsed(), retry_after, &mut rand::rng());
-            let Some(delay) = delay else {
-                tracing::debug!(attempt, %message, "giving up on HTTP delivery");
-                return Err(DispatchError::Transient {
-                    message: format!("{message} (gave up after {attempt} attempt(s))"),
-                    retry_after,
-                });
-            };
-            tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, %message, "retrying HTTP delivery");
-            self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("tributary_http_retries_total").increment(1);
-            tokio::time::sleep(delay).await;
-            attempt += 1;
-        }
-    }
-
-    /// Delivers `batch` to `url`; when it is refused for its content (400, 413, 422), splits
-    /// it with [`bisect`] until the refused visitors are alone, and delivers the rest.
-    /// Rejected visitors are counted (`tributary_http_rejected_visitors_total`); reporting
-    /// them is the caller's job.
-    pub async fn deliver_bisecting(&self, url: &str, batch: &RawBatch) -> BisectOutcome {
-        self.deliver_inner(url, batch, None).await
-    }
-
-    /// [`HttpTransport::deliver_bisecting`] of a [`LogEvent`]'s batch, reusing its encoded
-    /// body for the first request.
-    pub async fn deliver_log_event(&self, url: &str, log_event: &LogEvent) -> BisectOutcome {
-        self.deliver_inner(url, log_event.batch(), Some(log_event.body()))
-            .await
-    }
-
-    async fn deliver_inner(
-        &self,
-        url: &str,
-        batch: &RawBatch,
-        encoded: Option<&Bytes>,
-    ) -> BisectOutcome {
-        let n = batch.visitors().len();
-        let budget = IsolationBudget::new(self.inner.max_bisect_requests);
-        let outcome = bisect(n, &budget, |range: Range<usize>| {
-            let body = match encoded {
-                Some(b) if range == (0..n) => b.clone(),
-                _ => batch.slice(range).encode(),
-            };
-            self.send(url, body)
-        })
-        .await;
-        if !outcome.rejected.is_empty() {
-            let k = outcome.rejected.len() as u64;
-            self.inner
-                .counters
-                .rejected_visitors
-                .fetch_add(k, Ordering::Relaxed);
-            metrics::counter!("tributary_http_rejected_visitors_total").increment(k);
-            tracing::warn!(
-                rejected = k,
-                total = n,
-                requests = outcome.requests,
-                "visitors rejected by the destination were isolated"
-            );
-        }
-        outcome
-    }
-
-    async fn attempt(&self, url: &str, body: Bytes, timeout: Duration) -> Attempt {
-        self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let mut request = self.inner.client.post(url).timeout(timeout).body(body);
-        if self.inner.gzip {
-            request = request.header(CONTENT_ENCODING, "gzip");
-        }
-        let mut response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                let label = if e.is_timeout() { "timeout" } else { "error" };
-                metrics::counter!("tributary_http_requests_total", "status" => label).increment(1);
-                let is_builder = e.is_builder();
-                // reqwest names the URL in its message, password included: name it redacted.
-                let message = format!("{} ({})", error_chain(&e.without_url()), redact_url(url));
-                return if is_builder {
-                    Attempt::Permanent { status: 0, message }
-                } else {
-                    Attempt::Retryable {
-                        message,
-                        retry_after: None,
-                    }
-                };
-            }
-        };
-        let status = response.status();
-        metrics::counter!("tributary_http_requests_total", "status" => status.as_str().to_owned())
-            .increment(1);
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let excerpt = read_excerpt(&mut response).await;
-        let message = if excerpt.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            format!("HTTP {status}: {excerpt}")
-        };
-        match classify(status.as_u16()) {
-            Classification::Success => Attempt::Delivered,
-            Classification::Retryable => Attempt::Retryable {
-                message,
-                retry_after,
-            },
-            Classification::Permanent => Attempt::Permanent {
-                status: status.as_u16(),
-                message,
-            },
-        }
-    }
-}
-
-/// Reads up to [`MAX_DRAIN_BYTES`] of the body, so a small body leaves the connection
-/// reusable, and returns its first [`MAX_MESSAGE_BYTES`] as text.
-async fn read_excerpt(response: &mut reqwest::Response) -> String {
-    let mut kept = Vec::new();
-    let mut read = 0usize;
-    while read < MAX_DRAIN_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                read += chunk.len();
-                let room = MAX_MESSAGE_BYTES.saturating_sub(kept.len());
-                kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&kept).trim().to_owned()
-}
-
-fn gzip(body: &[u8]) -> Result<Bytes, DispatchError> {
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 4),
-        flate2::Compression::default(),
-    );
-    enc.write_all(body)
-        .and_then(|()| enc.finish())
-        .map(Bytes::from)
-        .map_err(|e| DispatchError::Unavailable(format!("gzip: {e}")))
-}
-
-fn validate_endpoint(endpoint: &str) -> Result<(), HttpDispatcherError> {
-    let invalid = |reason: String| HttpDispatcherError::InvalidEndpoint {
-        endpoint: endpoint.to_owned(),
-        reason,
-    };
-    let url = reqwest::Url::parse(endpoint).map_err(|e| invalid(e.to_string()))?;
-    match url.scheme() {
-        "http" | "https" => Ok(()),
-        other => Err(invalid(format!("scheme {other:?} is not http or https"))),
-    }
-}
-
-/// `url` with any password replaced by `***`, for logs and error messages; unparsable text
-/// comes back as `<invalid URL>` (it may hold anything).
-///
-/// ```
-/// use tributary::dispatcher::http::redact_url;
-/// assert_eq!(redact_url("https://me:s3cret@relay.example/v1/events"), "https://me:***@relay.example/v1/events");
-/// assert_eq!(redact_url("http://127.0.0.1:8080/v1/events"), "http://127.0.0.1:8080/v1/events");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<invalid URL>".to_owned(),
-    }
-}
-
-/// An error and its sources, `: `-separated (reqwest's own message is terse).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+use crate::retry::RetryPolicy;
 
 /// Visitors of one [`LogEvent`] that the destination refused, as given to the
 /// [`HttpDispatcherBuilder::on_rejected`] hook.
@@ -537,9 +88,9 @@ type RejectedHook = dyn Fn(&RejectedVisitors) + Send + Sync;
 
 /// The synchronous HTTP [`EventDispatcher`]: what the processor thread calls.
 ///
-/// It owns a private thread running a single-threaded tokio runtime and an
-/// [`HttpTransport`]; [`EventDispatcher::dispatch`] hands the request to that thread and
-/// blocks until it is settled (delivered, retries exhausted, or bisected). So it never needs
+/// It owns a [`RuntimeBridge`] (a private thread running a single-threaded tokio runtime)
+/// and an [`HttpTransport`]; [`EventDispatcher::dispatch`] hands the request to that thread
+/// and blocks until it is settled (delivered, retries exhausted, or bisected). So it never needs
 /// the caller's runtime, and it can be built, used and dropped inside or outside one (but a
 /// caller on a current-thread runtime must not dispatch to a server running on that same
 /// runtime: blocking it would starve the server). Concurrent callers are served
@@ -549,16 +100,10 @@ type RejectedHook = dyn Fn(&RejectedVisitors) + Send + Sync;
 /// One `dispatch` takes at most about `retry.total_budget` per request it makes: one
 /// request normally, up to `max_bisect_requests` when a batch is bisected.
 pub struct HttpDispatcher {
-    jobs: Option<mpsc::UnboundedSender<Job>>,
-    worker: Option<JoinHandle<()>>,
+    // Dropped first: its runtime stops before the client it served is dropped.
+    bridge: RuntimeBridge,
     transport: HttpTransport,
     on_rejected: Option<Arc<RejectedHook>>,
-}
-
-struct Job {
-    url: String,
-    log_event: LogEvent,
-    reply: crossbeam_channel::Sender<BisectOutcome>,
 }
 
 impl fmt::Debug for HttpDispatcher {
@@ -624,33 +169,14 @@ impl HttpDispatcher {
 
 impl EventDispatcher for HttpDispatcher {
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
-        let stopped =
-            || DispatchError::Unavailable("the HTTP dispatcher thread has stopped".into());
-        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
         let url = self.transport.endpoint_for(&log_event.url).to_owned();
-        let (reply, settled) = crossbeam_channel::bounded(1);
-        jobs.send(Job {
-            url: url.clone(),
-            log_event: log_event.clone(),
-            reply,
-        })
-        .map_err(|_| stopped())?;
-        let outcome = settled.recv().map_err(|_| stopped())?;
+        let (transport, job_url, job_event) =
+            (self.transport.clone(), url.clone(), log_event.clone());
+        let outcome = self
+            .bridge
+            .call(move || async move { transport.deliver_log_event(&job_url, &job_event).await })?;
         self.report_rejected(&url, log_event, &outcome);
         outcome.into_result(log_event.visitor_count())
-    }
-}
-
-impl Drop for HttpDispatcher {
-    fn drop(&mut self) {
-        // Closing the channel ends the worker's loop; no dispatch can be in flight here
-        // (it borrows self), so the join is immediate.
-        self.jobs.take();
-        if let Some(worker) = self.worker.take()
-            && worker.join().is_err()
-        {
-            tracing::error!("the HTTP dispatcher thread panicked");
-        }
     }
 }
 
@@ -746,53 +272,11 @@ impl HttpDispatcherBuilder {
     /// Validates the settings and starts the dispatcher's thread.
     pub fn build(self) -> Result<HttpDispatcher, HttpDispatcherError> {
         let transport = HttpTransport::new(&self.config)?;
-        let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
-        let worker_transport = transport.clone();
-        let worker = std::thread::Builder::new()
-            .name("tributary-http".into())
-            .spawn(move || {
-                // Built and dropped on this thread, never inside the caller's runtime.
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                runtime.block_on(async move {
-                    while let Some(job) = queue.recv().await {
-                        let transport = worker_transport.clone();
-                        tokio::spawn(async move {
-                            let outcome =
-                                transport.deliver_log_event(&job.url, &job.log_event).await;
-                            // The caller waits for this; if it is gone there is no one to tell.
-                            let _ = job.reply.send(outcome);
-                        });
-                    }
-                });
-            })
+        let bridge = RuntimeBridge::builder("tributary-http")
+            .build()
             .map_err(|e| HttpDispatcherError::Worker(e.to_string()))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = worker.join();
-                return Err(HttpDispatcherError::Worker(e));
-            }
-            Err(_) => {
-                let _ = worker.join();
-                return Err(HttpDispatcherError::Worker(
-                    "the thread exited early".into(),
-                ));
-            }
-        }
         Ok(HttpDispatcher {
-            jobs: Some(jobs),
-            worker: Some(worker),
+            bridge,
             transport,
             on_rejected: self.on_rejected,
         })
@@ -804,15 +288,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    #[test]
-    fn futures_are_send() {
-        fn assert_send<T: Send>(_: &T) {}
-        let t = HttpTransport::new(&HttpConfig::default()).unwrap();
-        let batch = RawBatch::from_parts(Bytes::new(), vec![]);
-        assert_send(&t.send("http://127.0.0.1:9/", Bytes::new()));
-        assert_send(&t.deliver_bisecting("http://127.0.0.1:9/", &batch));
-    }
 
     #[test]
     fn builder_rejects_bad_settings() {

@@ -3,12 +3,19 @@
 //! [`EventDispatcher`] is the seeds' `dispatch_event(log_event)` contract. The processor calls
 //! it from its own thread, one request at a time, so an implementation may block; it must
 //! return (with an error if need be) rather than hang forever, and it owns its retries.
+//!
+//! With the `http` feature (on by default): [`transport`] is the async HTTP delivery that
+//! the library and the relay share, and [`http`] the synchronous
+//! [`HttpDispatcher`](http::HttpDispatcher) over it.
 
 use std::time::Duration;
 
 use crate::log_event::LogEvent;
 
+#[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "http")]
+pub mod transport;
 
 /// Sends one [`LogEvent`] somewhere: the Event API, a relay, a spool, a queue.
 ///

@@ -145,9 +145,10 @@ impl Default for BatchEventProcessorBuilder {
 const MIN_BATCH_BYTES: usize = 1024;
 
 impl BatchEventProcessorBuilder {
-    /// Where requests go (default: an [`HttpDispatcher`](crate::HttpDispatcher) with its
-    /// defaults, posting each request to the Event API endpoint of its region). The dispatcher is called from the processor's dispatch
-    /// thread, one request at a time, and dropped on that thread.
+    /// Where requests go (default: an `HttpDispatcher` with its defaults, posting each
+    /// request to the Event API endpoint of its region; without the `http` feature there is
+    /// no default and `build` fails naming `dispatcher`). The dispatcher is called from the
+    /// processor's dispatch thread, one request at a time, and dropped on that thread.
     pub fn dispatcher(mut self, dispatcher: impl EventDispatcher) -> Self {
         self.dispatcher = Some(Box::new(dispatcher));
         self
@@ -289,12 +290,49 @@ impl BatchEventProcessorBuilder {
     pub fn build(mut self) -> Result<BatchEventProcessor, BuildError> {
         self.validate()?;
         if self.dispatcher.is_none() {
-            // The SDKs' default: POST each request to its LogEvent URL.
-            let http = crate::dispatcher::http::HttpDispatcher::builder()
-                .build()
-                .map_err(|e| BuildError::MissingDispatcher(e.to_string()))?;
-            self.dispatcher = Some(Box::new(http));
+            self.dispatcher = Some(default_dispatcher()?);
         }
         BatchEventProcessor::from_builder(self)
+    }
+}
+
+/// The SDKs' default: POST each request to its LogEvent URL.
+#[cfg(feature = "http")]
+fn default_dispatcher() -> Result<Box<dyn EventDispatcher>, BuildError> {
+    let http = crate::dispatcher::http::HttpDispatcher::builder()
+        .build()
+        .map_err(|e| BuildError::MissingDispatcher(e.to_string()))?;
+    Ok(Box::new(http))
+}
+
+/// Without the `http` feature there is no dispatcher to default to.
+#[cfg(not(feature = "http"))]
+fn default_dispatcher() -> Result<Box<dyn EventDispatcher>, BuildError> {
+    Err(BuildError::Invalid {
+        setting: "dispatcher",
+        reason: "required: tributary was built without its `http` feature, so there is no default HTTP dispatcher",
+    })
+}
+
+#[cfg(all(test, not(feature = "http")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_http_a_dispatcher_is_required() {
+        let Err(e) = BatchEventProcessorBuilder::default().build() else {
+            panic!("built without a dispatcher");
+        };
+        assert!(
+            matches!(
+                e,
+                BuildError::Invalid {
+                    setting: "dispatcher",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("dispatcher"), "{e}");
     }
 }
