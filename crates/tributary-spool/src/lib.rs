@@ -24,8 +24,10 @@ pub use dispatcher::{
     SpoolDispatcher, SpoolDispatcherBuilder, SpoolDispatcherError, SpoolDispatcherStats,
 };
 pub use payload::Payload;
-pub use sqlite::{DB_FILE, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode};
-pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsSpool};
+pub use sqlite::{
+    DB_FILE, ParseSyncModeError, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode,
+};
+pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsConfigError, SqsSetting, SqsSpool};
 
 /// Identifies one leased payload until it is acked, released or dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
