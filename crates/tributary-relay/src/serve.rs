@@ -37,6 +37,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TRIBUTARY_NO_FORWARD")]
     pub no_forward: bool,
 
+    /// Print the settings the relay would run with, as a TOML config file (tokens not
+    /// shown, passwords in URLs as ***), and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+
     #[command(flatten)]
     pub settings: RelaySettings,
 }
@@ -54,7 +59,12 @@ impl ServeArgs {
 
 /// Runs the relay until a signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let print_config = args.print_config;
     let (config, no_forward) = args.resolve()?;
+    if print_config {
+        print!("{}", config.to_toml()?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tributary-relay")
@@ -159,7 +169,7 @@ async fn serve(config: RelayConfig, no_forward: bool) -> anyhow::Result<()> {
             ceiling
         }
         Some(n) => n,
-        None => ceiling.min(DEFAULT_MAX_CONNECTIONS),
+        None => ceiling.min(crate::config::DEFAULT_MAX_CONNECTIONS),
     };
     let limits = crate::http_server::ServerLimits {
         max_connections,
@@ -233,10 +243,6 @@ pub fn forwarder_config(config: &RelayConfig) -> ForwarderConfig {
         suspect_delay: SUSPECT_DELAY,
     }
 }
-
-/// Client connections at once when `--max-connections` is not set (and the file limit
-/// allows it).
-const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// How long payloads whose isolation the budget cut short wait before the next try.
 const SUSPECT_DELAY: Duration = Duration::from_secs(1);
