@@ -211,6 +211,12 @@ fn printed_config_is_a_config_file_of_the_same_settings_without_secrets() {
         "{text}"
     );
     assert!(text.contains("max-connections = 100"), "{text}");
+    // Nor does --help show the tokens of the environment.
+    let help = stdout_ok(
+        &["serve", "--help"],
+        &[("TRIBUTARY_AUTH_TOKENS", "s3cret-env")],
+    );
+    assert!(!help.contains("s3cret"), "{help}");
     // Without secrets, the output read back as --config prints the same.
     let plain = stdout_ok(
         &["serve", "--print-config", "--sqs-dead-letter-queue", "dlq"],

@@ -147,6 +147,7 @@ pub struct RelaySettings {
     #[arg(
         long,
         env = "TRIBUTARY_AUTH_TOKENS",
+        hide_env_values = true,
         value_name = "T1,T2",
         value_delimiter = ','
     )]
