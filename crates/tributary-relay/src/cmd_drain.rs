@@ -23,7 +23,7 @@ pub struct DrainArgs {
     #[arg(long)]
     pub once: bool,
 
-    /// With `--once`: stop after this long even if the spool is not empty [default: 10m].
+    /// With `--once`: stop after this long even if the spool is not empty.
     #[arg(long, value_name = "DURATION", default_value = "10m")]
     pub max_time: crate::config::HumanDuration,
 

@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use tributary_relay::{bench, cmd_drain, cmd_event, cmd_spool, cmd_validate, serve};
+use tributary_relay::{bench, cmd_drain, cmd_event, cmd_spool, cmd_validate, config, serve};
 
 /// Tributary: batch, store and forward experimentation events to the Optimizely Event API.
 #[derive(Debug, Parser)]
@@ -35,7 +35,9 @@ enum Command {
 
 fn main() -> ExitCode {
     init_tracing();
-    let cli = Cli::parse();
+    // `--help` shows each setting's default as `config` has it, not as typed in a doc.
+    let matches = config::document_defaults(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Serve(args) => serve::main(args),
         Command::Drain(args) => cmd_drain::run(args),

@@ -35,6 +35,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TRIBUTARY_NO_FORWARD")]
     pub no_forward: bool,
 
+    /// Print the settings the relay would run with, as a TOML config file (tokens not
+    /// shown, passwords in URLs as ***), and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+
     // Flattened: clap shows the inner flags' own help.
     #[allow(missing_docs)]
     #[command(flatten)]
@@ -54,7 +59,12 @@ impl ServeArgs {
 
 /// `tributary serve`: binds `--listen` and runs the relay until SIGTERM or SIGINT.
 pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let print_config = args.print_config;
     let (config, no_forward) = args.resolve()?;
+    if print_config {
+        print!("{}", config.to_toml()?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tributary-relay")
@@ -172,7 +182,7 @@ pub async fn run(
             ceiling
         }
         Some(n) => n,
-        None => ceiling.min(DEFAULT_MAX_CONNECTIONS),
+        None => ceiling.min(crate::config::DEFAULT_MAX_CONNECTIONS),
     };
     let limits = crate::http_server::ServerLimits {
         max_connections,
@@ -232,10 +242,6 @@ pub async fn run(
     }
     Ok(())
 }
-
-/// Client connections at once when `--max-connections` is not set (and the file limit
-/// allows it).
-const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// Retention upkeep once a minute.
 async fn maintain(spool: Arc<dyn Spool>, mut stop: watch::Receiver<bool>) {

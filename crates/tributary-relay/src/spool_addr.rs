@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tributary_spool::{Spool, SqsConfig, SqsSpool};
-use tributary_spool::{SqliteConfig, SqliteSpool, SyncMode as SqliteSync};
+use tributary_spool::{SqliteConfig, SqliteSpool};
 
-use crate::config::{RelayConfig, SyncMode};
+use crate::config::RelayConfig;
 
 /// Where the spool is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,10 +48,7 @@ pub async fn open(
                 max_bytes: config.spool_max_bytes,
                 reserve_bytes: config.spool_reserve_bytes,
                 retention: config.retention,
-                sync: match config.spool_sync {
-                    SyncMode::Full => SqliteSync::Full,
-                    SyncMode::Normal => SqliteSync::Normal,
-                },
+                sync: config.spool_sync,
                 ..SqliteConfig::default()
             };
             let opened = match mode {
@@ -64,18 +61,22 @@ pub async fn open(
         }
         // Both modes need an existing queue: queues are infrastructure (see docs/sqs.md).
         SpoolAddr::Sqs(queue) => {
-            let sqs = SqsConfig {
-                dead_letter_queue: config.sqs_dead_letter_queue.clone(),
-                max_receives: config.sqs_max_receives,
-                wait_time: config.sqs_wait_time,
-                receivers: config.sqs_receivers,
-                max_message_bytes: config.sqs_max_message_bytes,
-                ..SqsConfig::new(queue.clone())
-            };
-            let spool = SqsSpool::from_env(sqs)
+            let spool = SqsSpool::from_env(sqs_config(queue.clone(), config))
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open spool sqs://{queue}: {e}"))?;
             Ok(Arc::new(spool))
         }
+    }
+}
+
+/// The SQS spool settings of `config` for `queue`; the spool crate's defaults for the rest.
+pub fn sqs_config(queue: String, config: &RelayConfig) -> SqsConfig {
+    SqsConfig {
+        dead_letter_queue: config.sqs_dead_letter_queue.clone(),
+        max_receives: config.sqs_max_receives,
+        wait_time: config.sqs_wait_time,
+        receivers: config.sqs_receivers,
+        max_message_bytes: config.sqs_max_message_bytes,
+        ..SqsConfig::new(queue)
     }
 }

@@ -31,9 +31,11 @@ pub use dispatcher::{
 pub use payload::Payload;
 pub use route::Route;
 #[cfg(feature = "sqlite")]
-pub use sqlite::{DB_FILE, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode};
+pub use sqlite::{
+    DB_FILE, ParseSyncModeError, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode,
+};
 #[cfg(feature = "sqs")]
-pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsSpool};
+pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsConfigError, SqsSetting, SqsSpool};
 
 /// Identifies one leased payload until it is acked, released or dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,6 +1,7 @@
 //! The embedded spool: one SQLite database (WAL) in a directory. See [`SqliteSpool`].
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -23,8 +24,10 @@ use writer::{Command, Counters, GroupBound};
 /// The database file inside the spool directory.
 pub const DB_FILE: &str = "spool.db";
 
-/// When a commit is forced to stable storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// When a commit is forced to stable storage. Written `full` or `normal` ([`FromStr`],
+/// [`Display`](std::fmt::Display) and serde agree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SyncMode {
     /// fsync the WAL on every commit: acknowledged payloads survive power loss.
     #[default]
@@ -32,6 +35,38 @@ pub enum SyncMode {
     /// fsync at checkpoints only: acknowledged payloads survive a crash of the process
     /// (`kill -9`), not of the host. Faster on disks with slow fsync.
     Normal,
+}
+
+impl SyncMode {
+    /// The name of the mode: `full` or `normal`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Full => "full",
+            SyncMode::Normal => "normal",
+        }
+    }
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A [`SyncMode`] name that is neither `full` nor `normal`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown sync mode {0:?}: expected full or normal")]
+pub struct ParseSyncModeError(pub String);
+
+impl FromStr for SyncMode {
+    type Err = ParseSyncModeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(SyncMode::Full),
+            "normal" => Ok(SyncMode::Normal),
+            _ => Err(ParseSyncModeError(s.to_owned())),
+        }
+    }
 }
 
 /// Settings of a [`SqliteSpool`]. Every field has a documented default

@@ -122,28 +122,86 @@ impl SqsConfig {
         }
     }
 
-    fn check(&self) -> Result<(), SpoolError> {
-        let bad = |m: &str| Err(SpoolError::Config(m.to_owned()));
+    /// Checks every setting's range; [`SqsSpool::open`] refuses a config that fails it.
+    /// Callers that take these settings from users (the relay) call it to report a bad
+    /// value before anything is opened.
+    pub fn check(&self) -> Result<(), SqsConfigError> {
+        let bad = |setting, requirement| {
+            Err(SqsConfigError {
+                setting,
+                requirement,
+            })
+        };
         if self.queue.trim().is_empty() {
-            return bad("SQS queue name or URL is empty");
+            return bad(SqsSetting::Queue, "must not be empty");
         }
         if self.wait_time > Duration::from_secs(20) {
-            return bad("SQS wait time must be at most 20s");
+            return bad(SqsSetting::WaitTime, "must be at most 20s");
         }
         if self.receivers == 0 || self.receivers > 64 {
-            return bad("SQS receivers must be between 1 and 64");
+            return bad(SqsSetting::Receivers, "must be between 1 and 64");
         }
         if self.concurrency == 0 || self.concurrency > 64 {
-            return bad("SQS concurrency must be between 1 and 64");
+            return bad(SqsSetting::Concurrency, "must be between 1 and 64");
         }
         // Room for a header, one small visitor and the attributes.
         if self.max_message_bytes < 4096 || self.max_message_bytes > 1_048_576 {
-            return bad("SQS max message bytes must be between 4096 and 1048576");
+            return bad(
+                SqsSetting::MaxMessageBytes,
+                "must be between 4096 and 1048576",
+            );
         }
         if self.attempts == 0 {
-            return bad("SQS attempts must be at least 1");
+            return bad(SqsSetting::Attempts, "must be at least 1");
         }
         Ok(())
+    }
+}
+
+/// One setting of an [`SqsConfig`], as named by an [`SqsConfigError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqsSetting {
+    /// [`SqsConfig::queue`].
+    Queue,
+    /// [`SqsConfig::wait_time`].
+    WaitTime,
+    /// [`SqsConfig::receivers`].
+    Receivers,
+    /// [`SqsConfig::concurrency`].
+    Concurrency,
+    /// [`SqsConfig::max_message_bytes`].
+    MaxMessageBytes,
+    /// [`SqsConfig::attempts`].
+    Attempts,
+}
+
+impl SqsSetting {
+    /// The setting in words, as error messages name it: `wait time`, `max message bytes`.
+    pub fn words(self) -> &'static str {
+        match self {
+            SqsSetting::Queue => "queue name or URL",
+            SqsSetting::WaitTime => "wait time",
+            SqsSetting::Receivers => "receivers",
+            SqsSetting::Concurrency => "concurrency",
+            SqsSetting::MaxMessageBytes => "max message bytes",
+            SqsSetting::Attempts => "attempts",
+        }
+    }
+}
+
+/// An [`SqsConfig`] value out of range: which setting, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("SQS {} {requirement}", setting.words())]
+pub struct SqsConfigError {
+    /// The setting out of range.
+    pub setting: SqsSetting,
+    /// What it must be, such as `must be at most 20s`.
+    pub requirement: &'static str,
+}
+
+impl From<SqsConfigError> for SpoolError {
+    fn from(e: SqsConfigError) -> Self {
+        SpoolError::Config(e.to_string())
     }
 }
 
