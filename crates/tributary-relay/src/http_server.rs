@@ -45,7 +45,7 @@ pub struct ServerLimits {
 const RESERVED_FDS: u64 = 128;
 
 /// Raises the soft limit on open files to the hard limit (where the system allows), and
-/// returns the most client connections that leave [`RESERVED_FDS`] free.
+/// returns the most client connections that leave `RESERVED_FDS` (128) free.
 pub fn connection_ceiling() -> usize {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);

@@ -1,6 +1,7 @@
 //! Prometheus metrics: the recorder behind `GET /metrics`, and spool gauges.
 //!
-//! Metric names (all prefixed `tributary_`):
+//! Every metric the relay exports, its own and the libraries' (all prefixed `tributary_`);
+//! each event is counted once, under one name:
 //!
 //! | name | kind | meaning |
 //! |---|---|---|
@@ -9,8 +10,10 @@
 //! | `spool_pending_payloads`, `spool_pending_bytes`, `spool_pending_events` | gauge | what waits |
 //! | `spool_oldest_age_seconds` | gauge | age of the oldest pending payload |
 //! | `spool_dead_letters` | gauge | dead letters held |
-//! | `upstream_requests_total{status}` | counter | upstream answers (`error` for no answer) |
-//! | `upstream_retries_total` | counter | batches released for a later retry |
+//! | `http_requests_total{status}` | counter | upstream attempts by answer: the status code, or `timeout` / `error` for none |
+//! | `http_retries_total` | counter | attempts retried within one send |
+//! | `http_rejected_visitors_total` | counter | visitors the upstream refused alone (isolated) |
+//! | `upstream_retries_total` | counter | batches released to the spool for a later retry |
 //! | `dead_letters_total` | counter | dead letters created (a visitor refused alone, or a payload past retention) |
 //! | `connections_refused_total` | counter | connections closed at once because `--max-connections` were open |
 //! | `isolation_requests_total` | counter | upstream requests spent isolating refused visitors |
@@ -20,7 +23,7 @@
 //! | `spool_ready` | gauge | 1 when the spool takes appends, 0 when it refuses them (full disk, damaged file) |
 //! | `forwarded_events_total` | counter | visitors delivered upstream |
 //! | `upstream_batch_events`, `upstream_batch_bytes` | histogram | merged batch sizes |
-//! | `upstream_latency_seconds` | histogram | one upstream request |
+//! | `upstream_latency_seconds` | histogram | one upstream send, its in-request retries included |
 
 use std::sync::Arc;
 use std::time::Duration;

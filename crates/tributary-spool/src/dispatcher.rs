@@ -30,7 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tributary::bridge::RuntimeBridge;
-use tributary::{DispatchError, EventDispatcher, LogEvent, Region};
+use tributary::retry::{Jitter, RetryPolicy};
+use tributary::{DispatchError, EventDispatcher, LogEvent};
 
 use crate::{Payload, Spool, SpoolError};
 
@@ -66,9 +67,9 @@ struct Counters {
 /// Settings; see the builder methods for defaults.
 #[derive(Debug, Clone)]
 struct Settings {
-    attempts: u32,
-    first_backoff: Duration,
-    max_backoff: Duration,
+    /// Attempts, and the pause between them; its time budget is not used (each attempt
+    /// has `attempt_timeout`).
+    retry: RetryPolicy,
     attempt_timeout: Duration,
 }
 
@@ -82,9 +83,14 @@ impl Default for SpoolDispatcherBuilder {
     fn default() -> Self {
         SpoolDispatcherBuilder {
             settings: Settings {
-                attempts: 5,
-                first_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(2),
+                retry: RetryPolicy {
+                    max_attempts: 5,
+                    initial_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(2),
+                    multiplier: 2.0,
+                    jitter: Jitter::Equal,
+                    ..RetryPolicy::default()
+                },
                 attempt_timeout: Duration::from_secs(10),
             },
         }
@@ -100,15 +106,15 @@ impl SpoolDispatcherBuilder {
     /// Tries per LogEvent before `dispatch` fails with [`DispatchError::Transient`]
     /// (default 5; at least 1).
     pub fn attempts(mut self, n: u32) -> Self {
-        self.settings.attempts = n.max(1);
+        self.settings.retry.max_attempts = n.max(1);
         self
     }
 
-    /// Pause after the first failed try, doubled after each next one up to `max`
-    /// (defaults 100 ms and 2 s).
+    /// Pause after the first failed try, doubled after each next one up to `max`, with
+    /// equal jitter (each pause between half and all of its step; defaults 100 ms and 2 s).
     pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
-        self.settings.first_backoff = first;
-        self.settings.max_backoff = max.max(first);
+        self.settings.retry.initial_backoff = first;
+        self.settings.retry.max_backoff = max.max(first);
         self
     }
 
@@ -205,7 +211,6 @@ async fn append<S: Spool>(
     settings: &Settings,
     counters: &Counters,
 ) -> Result<(), DispatchError> {
-    let mut backoff = settings.first_backoff;
     let mut attempt = 1;
     loop {
         let result = match tokio::time::timeout(
@@ -238,7 +243,7 @@ async fn append<S: Spool>(
             }
             Err(e) => e,
         };
-        if attempt >= settings.attempts {
+        if attempt >= settings.retry.max_attempts {
             counters.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %error, attempts = attempt, "spool append failed; giving up");
             return Err(DispatchError::Transient {
@@ -248,36 +253,14 @@ async fn append<S: Spool>(
         }
         tracing::debug!(error = %error, attempt, "spool append failed; retrying");
         counters.retries.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(settings.max_backoff);
+        tokio::time::sleep(settings.retry.backoff(attempt, &mut rand::rng())).await;
         attempt += 1;
     }
 }
 
-/// The relay's route name for `log_event`.
-fn route_of(log_event: &LogEvent) -> &'static str {
-    let region = match log_event.context() {
-        Some(ctx) => ctx.region,
-        None if is_eu_url(&log_event.url) => Region::Eu,
-        None => Region::Us,
-    };
-    match region {
-        Region::Eu => "eu",
-        Region::Us => "us",
-    }
-}
-
-/// The EU Event API endpoint, or a relay's `/eu/v1/events`.
-fn is_eu_url(url: &str) -> bool {
-    url == Region::Eu.endpoint()
-        || url
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.starts_with("eu.") || rest.contains("/eu/"))
-}
-
 impl<S: Spool> EventDispatcher for SpoolDispatcher<S> {
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
-        let payload = Payload::from_batch(route_of(log_event), log_event.batch());
+        let payload = Payload::from_batch(log_event.region(), log_event.batch());
         let (spool, settings, counters) = (
             self.spool.clone(),
             self.settings.clone(),
@@ -285,18 +268,5 @@ impl<S: Spool> EventDispatcher for SpoolDispatcher<S> {
         );
         self.bridge
             .call(move || async move { append(&*spool, payload, &settings, &counters).await })?
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn eu_urls_are_recognised() {
-        assert!(is_eu_url("https://eu.logx.optimizely.com/v1/events"));
-        assert!(is_eu_url("http://127.0.0.1:8080/eu/v1/events"));
-        assert!(!is_eu_url("https://logx.optimizely.com/v1/events"));
-        assert!(!is_eu_url("http://relay/v1/events"));
     }
 }

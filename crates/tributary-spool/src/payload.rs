@@ -61,11 +61,7 @@ impl Payload {
     /// Back to a [`RawBatch`], parsing the visitor run. Payloads built by
     /// [`Payload::from_batch`] always parse; a corrupted one is an error.
     pub fn to_batch(&self) -> Result<RawBatch, RawBatchError> {
-        let mut body = Vec::with_capacity(self.visitors.len() + 16);
-        body.extend_from_slice(b"{\"visitors\":[");
-        body.extend_from_slice(&self.visitors);
-        body.extend_from_slice(b"]}");
-        let parsed = RawBatch::parse(Bytes::from(body))?;
+        let parsed = RawBatch::parse(tributary::raw::write_body(b"", [&self.visitors]))?;
         Ok(RawBatch::from_parts(
             self.header.clone(),
             parsed.into_visitors(),

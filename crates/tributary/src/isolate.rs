@@ -329,6 +329,11 @@ where
     out.rejected.sort_by_key(|r| r.index);
     out.delivered.sort_by_key(|r| r.start);
     out.unresolved.sort_by_key(|r| r.start);
+    // Counted here, where every isolation ends (the HTTP dispatcher's and a forwarder's).
+    if !out.rejected.is_empty() {
+        metrics::counter!("tributary_http_rejected_visitors_total")
+            .increment(out.rejected.len() as u64);
+    }
     out
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::event::EventContext;
+use crate::event::{EventContext, Region};
 use crate::payload::EventBatch;
 use crate::raw::RawBatch;
 
@@ -73,6 +73,26 @@ impl LogEvent {
         self.context.as_ref()
     }
 
+    /// Which Event API region the events belong to: their context's region when built by
+    /// [`crate::EventFactory`]. A LogEvent built by hand ([`LogEvent::new`]) has no context;
+    /// its region is read from its URL: EU for the EU Event API endpoint, an `eu.` host or a
+    /// relay's `/eu/v1/events` path, else US.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tributary::{LogEvent, RawBatch, Region};
+    /// let batch = RawBatch::from_parts(Bytes::from_static(br#""account_id":"1""#), vec![]);
+    /// let to_relay = LogEvent::new("http://relay:8080/eu/v1/events", batch);
+    /// assert_eq!(to_relay.region(), Region::Eu);
+    /// ```
+    pub fn region(&self) -> Region {
+        match &self.context {
+            Some(ctx) => ctx.region,
+            None if is_eu_url(&self.url) => Region::Eu,
+            None => Region::Us,
+        }
+    }
+
     /// The serialised `EventBatch`: the request body.
     pub fn body(&self) -> &Bytes {
         &self.body
@@ -115,5 +135,26 @@ impl LogEvent {
             "headers": headers,
             "params": params,
         }))
+    }
+}
+
+/// The EU Event API endpoint, an `eu.` host, or a relay's `/eu/v1/events`.
+fn is_eu_url(url: &str) -> bool {
+    url == Region::Eu.endpoint()
+        || url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.starts_with("eu.") || rest.contains("/eu/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eu_urls_are_recognised() {
+        assert!(is_eu_url("https://eu.logx.optimizely.com/v1/events"));
+        assert!(is_eu_url("http://127.0.0.1:8080/eu/v1/events"));
+        assert!(!is_eu_url("https://logx.optimizely.com/v1/events"));
+        assert!(!is_eu_url("http://relay/v1/events"));
     }
 }

@@ -359,7 +359,7 @@ fn a_spent_isolation_budget_reports_the_rest_undelivered_never_rejected() {
     let upstream = RecordingUpstream::start_with(
         Script::new().reject_containing(POISON, Reply::status(400).body("bad event key")),
     );
-    let (b, seen) = with_hook(builder().max_bisect_requests(3));
+    let (b, seen) = with_hook(builder().isolation_budget(3));
     let d = b.build().unwrap();
     let ev = log_event(&upstream.url(), 16, &[1, 6, 9, 14]);
     let err = d.dispatch(&ev).unwrap_err();

@@ -390,8 +390,8 @@ impl LayeredSettings {
         serde_json::from_value(Value::Object(merged)).map_err(ConfigError::layering)
     }
 
-    /// The lease: `lease-timeout` if set, else [`LEASE_PER_REQUEST_TIMEOUT`] request
-    /// timeouts and at least [`MIN_DEFAULT_LEASE`], so that it outlasts one send with its
+    /// The lease: `lease-timeout` if set, else `LEASE_PER_REQUEST_TIMEOUT` (6) request
+    /// timeouts and at least `MIN_DEFAULT_LEASE` (1 minute), so that it outlasts one send with its
     /// in-request retries.
     pub fn lease_timeout(&self) -> Duration {
         self.lease_timeout.map_or_else(

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tributary::raw::encoded_len;
 
 use super::{ForwarderConfig, Suspects};
@@ -24,29 +24,7 @@ impl Batch {
     }
 
     pub(super) fn body(&self, items: &[Leased]) -> Bytes {
-        let visitors_len: usize = items.iter().map(|l| l.payload.visitors.len()).sum();
-        let count = items.len();
-        let mut out =
-            BytesMut::with_capacity(encoded_len(self.header.len(), visitors_len, count) + 8);
-        out.put_u8(b'{');
-        out.put_slice(&self.header);
-        if !self.header.is_empty() {
-            out.put_u8(b',');
-        }
-        out.put_slice(br#""visitors":["#);
-        let mut first = true;
-        for l in items {
-            if l.payload.visitors.is_empty() {
-                continue;
-            }
-            if !first {
-                out.put_u8(b',');
-            }
-            first = false;
-            out.put_slice(&l.payload.visitors);
-        }
-        out.put_slice(b"]}");
-        out.freeze()
+        tributary::raw::write_body(&self.header, items.iter().map(|l| &l.payload.visitors))
     }
 }
 

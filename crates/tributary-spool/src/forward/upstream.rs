@@ -84,13 +84,6 @@ impl Upstreams {
         let result = self.transport.send(url, body).await;
         metrics::histogram!("tributary_upstream_latency_seconds")
             .record(started.elapsed().as_secs_f64());
-        let status = match &result {
-            Ok(()) => "2xx".to_owned(),
-            Err(DispatchError::Permanent { status, .. }) => status.to_string(),
-            Err(DispatchError::Transient { .. }) => "transient".to_owned(),
-            Err(_) => "error".to_owned(),
-        };
-        metrics::counter!("tributary_upstream_requests_total", "status" => status).increment(1);
         result
     }
 }

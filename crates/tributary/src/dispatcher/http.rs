@@ -98,7 +98,7 @@ type RejectedHook = dyn Fn(&RejectedVisitors) + Send + Sync;
 /// it stops and joins the thread.
 ///
 /// One `dispatch` takes at most about `retry.total_budget` per request it makes: one
-/// request normally, up to `max_bisect_requests` when a batch is bisected.
+/// request normally, up to `isolation_budget` more when a batch is isolated.
 pub struct HttpDispatcher {
     // Dropped first: its runtime stops before the client it served is dropped.
     bridge: RuntimeBridge,
@@ -256,9 +256,9 @@ impl HttpDispatcherBuilder {
         self
     }
 
-    /// See [`HttpConfig::max_bisect_requests`].
-    pub fn max_bisect_requests(mut self, n: usize) -> Self {
-        self.config.max_bisect_requests = n;
+    /// See [`HttpConfig::isolation_budget`].
+    pub fn isolation_budget(mut self, n: usize) -> Self {
+        self.config.isolation_budget = n;
         self
     }
 

@@ -74,7 +74,7 @@ pub struct HttpConfig {
     /// Most isolation requests one dispatch may make after a content refusal (default
     /// 64; see [`crate::isolate`]). Visitors not isolated when it is spent are reported
     /// undelivered ([`DispatchError::Incomplete`]), never rejected.
-    pub max_bisect_requests: usize,
+    pub isolation_budget: usize,
 }
 
 impl Default for HttpConfig {
@@ -89,7 +89,7 @@ impl Default for HttpConfig {
             pool_max_idle_per_host: 32,
             retry: RetryPolicy::default(),
             user_agent: format!("tributary/{}", env!("CARGO_PKG_VERSION")),
-            max_bisect_requests: 64,
+            isolation_budget: 64,
         }
     }
 }
@@ -161,7 +161,7 @@ struct TransportInner {
     gzip: bool,
     request_timeout: Duration,
     retry: RetryPolicy,
-    max_bisect_requests: usize,
+    isolation_budget: usize,
     counters: Counters,
 }
 
@@ -232,7 +232,7 @@ impl HttpTransport {
                 gzip: config.gzip,
                 request_timeout: config.request_timeout,
                 retry: config.retry.clone(),
-                max_bisect_requests: config.max_bisect_requests.max(1),
+                isolation_budget: config.isolation_budget.max(1),
                 counters: Counters::default(),
             }),
         })
@@ -304,7 +304,8 @@ impl HttpTransport {
 
     /// Delivers `batch` to `url`; when it is refused for its content (400, 413, 422), splits
     /// it with [`bisect`] until the refused visitors are alone, and delivers the rest.
-    /// Rejected visitors are counted (`tributary_http_rejected_visitors_total`); reporting
+    /// Rejected visitors are counted ([`crate::isolate::isolate`] exports
+    /// `tributary_http_rejected_visitors_total`); reporting
     /// them is the caller's job.
     pub async fn deliver_bisecting(&self, url: &str, batch: &RawBatch) -> BisectOutcome {
         self.deliver_inner(url, batch, None).await
@@ -324,7 +325,7 @@ impl HttpTransport {
         encoded: Option<&Bytes>,
     ) -> BisectOutcome {
         let n = batch.visitors().len();
-        let budget = IsolationBudget::new(self.inner.max_bisect_requests);
+        let budget = IsolationBudget::new(self.inner.isolation_budget);
         let outcome = bisect(n, &budget, |range: Range<usize>| {
             let body = match encoded {
                 Some(b) if range == (0..n) => b.clone(),
@@ -339,7 +340,6 @@ impl HttpTransport {
                 .counters
                 .rejected_visitors
                 .fetch_add(k, Ordering::Relaxed);
-            metrics::counter!("tributary_http_rejected_visitors_total").increment(k);
             tracing::warn!(
                 rejected = k,
                 total = n,
