@@ -7,6 +7,17 @@
 //! visible again after a delay; [`Spool::dead_letter`] moves them aside with a reason. A
 //! relay that crashes holding leases loses nothing: the leases run out and the payloads are
 //! handed out again (at-least-once).
+//!
+//! Store and forward in one crate, each part behind a cargo feature (all on by default):
+//!
+//! | feature | what |
+//! |---|---|
+//! | `sqlite` | [`SqliteSpool`]: the embedded spool, one WAL file (bundled SQLite) |
+//! | `sqs` | [`SqsSpool`]: AWS SQS as the spool, its dead-letter queue for dead letters |
+//! | `forward` | [`forward::Forwarder`]: spool to the Event API in few large requests, with retries and isolation of refused visitors (turns on `tributary/http`) |
+//!
+//! [`SpoolDispatcher`] is the producer side: a processor's requests appended to any spool.
+//! `cargo tree -p tributary-spool --no-default-features --features sqlite` has no AWS SDK.
 
 use std::time::Duration;
 
