@@ -75,7 +75,7 @@ pub fn run(args: DrainArgs) -> anyhow::Result<ExitCode> {
         let (stop_tx, stop_rx) = watch::channel(false);
         tracing::info!(spool = %config.spool, "tributary drain running");
         let task = tokio::spawn(async move { forwarder.run(stop_rx).await });
-        crate::serve::shutdown_signal().await;
+        crate::signal::shutdown_signal().await;
         let _ = stop_tx.send(true);
         // A cycle in progress finishes its sends; bounded by the request timeout.
         let _ =

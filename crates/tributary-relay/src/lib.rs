@@ -38,5 +38,6 @@ pub mod forwarding;
 pub mod http_server;
 pub mod ingest;
 pub mod serve;
+pub mod signal;
 pub mod spool_addr;
 pub mod telemetry;

@@ -281,7 +281,7 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
                 server.abort();
             }
             None => {
-                crate::serve::shutdown_signal().await;
+                crate::signal::shutdown_signal().await;
                 server.abort();
             }
         }
