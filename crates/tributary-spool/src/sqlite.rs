@@ -15,10 +15,17 @@ use crate::{
     SpoolError, SpoolStats, SpoolTotals,
 };
 
+mod dead;
+mod payloads;
+mod room;
+mod schema;
 mod store;
+mod totals;
 mod writer;
 
-use store::{DeadChunk, Store, parse_id, parse_receipt};
+use dead::{DeadChunk, parse_id};
+use payloads::parse_receipt;
+use store::Store;
 use writer::{Command, Counters, GroupBound};
 
 /// The database file inside the spool directory.

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{DeadChunk, Store};
+use super::dead::DeadChunk;
+use super::store::Store;
 use crate::{
     DeadLetter, Leased, PartialSettlement, Payload, SpoolAudit, SpoolError, SpoolStats, SpoolTotals,
 };

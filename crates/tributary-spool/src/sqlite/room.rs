@@ -1,0 +1,167 @@
+//! The disk reserve: free space on the spool's file system less the WAL, the refusal of
+//! appends that would eat into the space kept for delivery, WAL checkpoints and giving free
+//! pages back to the file system when space runs low, and readiness.
+//!
+//! Apart from the operations because it is about the file system, not the rows: they only
+//! pass through it (`with_room` around the forwarder's writes, `refusal` before an append,
+//! `room` to size a lease).
+
+use std::path::Path;
+
+use super::store::{DISK_FULL, Store, storage, to_u64};
+use super::totals::Delta;
+use crate::SpoolError;
+
+/// Readiness asks for room for a request of this size (64 KiB) beyond the reserve, so that a
+/// relay that just refused a request for lack of space does not call itself ready.
+const READY_MARGIN: u64 = 64 << 10;
+
+fn is_disk_full(e: &SpoolError) -> bool {
+    matches!(e, SpoolError::Full { reason } if reason == DISK_FULL)
+}
+
+impl Store {
+    /// Runs `op`; if the file system is full, checkpoints the WAL (which gives back its
+    /// space once the pages are in the database) and tries once more. The forwarder's
+    /// writes (lease, ack, release, settle) go through here, so a full disk cannot stop
+    /// the deliveries that free it.
+    pub(super) fn with_room<T>(
+        &mut self,
+        op: impl Fn(&mut Store) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        if self.room() < self.reserve_bytes.saturating_mul(2) {
+            // Low on space: start from an empty WAL.
+            self.checkpoint();
+        }
+        let result = match op(self) {
+            Err(e) if is_disk_full(&e) => {
+                tracing::warn!("spool file system full; checkpointing the WAL and trying again");
+                self.checkpoint();
+                op(self)
+            }
+            other => other,
+        };
+        if result.is_ok() && self.room() < self.reserve_bytes.saturating_mul(2) {
+            // Low on space: keep the WAL small and give the pages of what was delivered back
+            // to the file system, so that ingest can resume by itself.
+            self.checkpoint();
+            self.give_back();
+        }
+        result.map_err(|e| self.classify(e))
+    }
+
+    /// Moves the WAL into the database and truncates it.
+    fn checkpoint(&mut self) {
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+            Ok(0) => {}
+            Ok(_) => tracing::debug!("WAL checkpoint could not finish (a reader holds it)"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        }
+    }
+
+    /// Returns free pages of the database to the file system (`incremental_vacuum`), as many
+    /// as a quarter of the free space can carry through the WAL, then resets the WAL.
+    fn give_back(&mut self) {
+        if !self.incremental_vacuum {
+            return;
+        }
+        let free_pages: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .unwrap_or(0);
+        let budget = (self.fs_free() / 4) / self.page_size.max(1);
+        let pages = to_u64(free_pages).min(budget);
+        if pages == 0 {
+            return;
+        }
+        let vacuum = format!("PRAGMA incremental_vacuum({pages})");
+        // The pragma returns a row per page; run it to the end.
+        let done = self.conn.prepare(&vacuum).and_then(|mut s| {
+            let mut rows = s.query([])?;
+            while rows.next()?.is_some() {}
+            Ok(())
+        });
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not give free pages back to the file system");
+        }
+        self.checkpoint();
+    }
+
+    /// Free bytes of the spool's file system, less the WAL (every WAL write needs real disk
+    /// space, whatever the database has free inside).
+    fn fs_free(&self) -> u64 {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let free = match rustix::fs::statvfs(dir) {
+            Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
+            Err(_) => return u64::MAX,
+        };
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        free.saturating_sub(std::fs::metadata(&wal).map_or(0, |m| m.len()))
+    }
+
+    /// Bytes the spool can still grow into: free space on its file system, less the WAL (a
+    /// checkpoint may copy every page of it into the database, and must never be the write
+    /// that fills the disk, or the WAL could not be reset and nothing could be freed). A
+    /// spool that cannot give free pages back (created before format 2) also counts them,
+    /// since it reuses them before it grows.
+    pub(super) fn room(&self) -> u64 {
+        // Unknown free space (statvfs failed) is u64::MAX: do not refuse on a guess;
+        // SQLITE_FULL still stops appends.
+        let fs_free = self.fs_free();
+        if self.incremental_vacuum {
+            return fs_free;
+        }
+        let free_pages: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .unwrap_or(0);
+        fs_free.saturating_add(to_u64(free_pages).saturating_mul(self.page_size))
+    }
+
+    /// Why appends are refused now, if they are: a damaged file, or less room than the
+    /// reserve plus `incoming` bytes (twice: the WAL holds a copy until it is checkpointed).
+    pub(super) fn refusal(&self, incoming: u64) -> Option<SpoolError> {
+        if let Some(detail) = &self.damaged {
+            return Some(SpoolError::Damaged {
+                path: self.path.display().to_string(),
+                detail: detail.clone(),
+            });
+        }
+        let room = self.room();
+        let need = self
+            .reserve_bytes
+            .saturating_add(incoming.saturating_mul(2));
+        (room < need).then(|| SpoolError::Full {
+            reason: format!(
+                "{DISK_FULL}: {room} bytes left for the spool, under the {} kept free for \
+                 delivery (--spool-reserve-bytes) plus this request",
+                self.reserve_bytes
+            ),
+        })
+    }
+
+    /// Whether appends of a usual size would be taken now: the file is sound, the disk has
+    /// room, and a write commits (a one-row write of the spool's clock, so that a file made
+    /// read-only or immutable under the relay shows here, not only in failed appends).
+    pub(super) fn check_ready(&mut self) -> Result<(), SpoolError> {
+        if let Some(e) = self.refusal(READY_MARGIN) {
+            return Err(e);
+        }
+        let now = self.clock.now_ms();
+        let probe = (|| {
+            let tx = self.begin()?;
+            Delta::default().write(&tx, now)?;
+            tx.commit()
+        })()
+        .map_err(storage);
+        probe.map_err(|e| match self.classify(e) {
+            SpoolError::Storage(m) => SpoolError::Storage(format!("cannot write: {m}")),
+            other => other,
+        })
+    }
+}
