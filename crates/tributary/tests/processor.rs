@@ -510,6 +510,9 @@ fn listeners_run_before_dispatch_and_panics_are_contained() {
         .dispatcher(Logged(order.clone()))
         .notification_center(center.clone())
         .batch_size(1)
+        // One request at a time keeps requests in order; with more, only each request's
+        // listener-before-dispatch order holds (tests/latency.rs).
+        .dispatch_concurrency(1)
         .build()
         .unwrap();
     let c = ctx();

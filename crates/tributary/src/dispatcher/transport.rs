@@ -163,6 +163,8 @@ struct TransportInner {
     retry: RetryPolicy,
     isolation_budget: usize,
     counters: Counters,
+    /// The last failed attempt's message, for errors of requests never sent.
+    last_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl fmt::Debug for HttpTransport {
@@ -181,6 +183,8 @@ enum Attempt {
     Retryable {
         message: String,
         retry_after: Option<Duration>,
+        /// No answer in time (the attempt's timeout, or the close deadline).
+        timed_out: bool,
     },
     Permanent {
         status: u16,
@@ -234,6 +238,7 @@ impl HttpTransport {
                 retry: config.retry.clone(),
                 isolation_budget: config.isolation_budget.max(1),
                 counters: Counters::default(),
+                last_failure: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -291,10 +296,21 @@ impl HttpTransport {
                     format!("{m} (gave up after {attempts} attempt(s): close deadline)"),
                     r,
                 ),
-                None => (
-                    "close deadline passed before the request was sent".to_owned(),
-                    None,
-                ),
+                None => {
+                    let previous = self
+                        .inner
+                        .last_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let message = match previous {
+                        Some(p) => format!(
+                            "close deadline passed before the request was sent (last failure: {p})"
+                        ),
+                        None => "close deadline passed before the request was sent".to_owned(),
+                    };
+                    (message, None)
+                }
             };
             tracing::debug!(attempts, %message, "HTTP delivery cut by the close deadline");
             DispatchError::Transient {
@@ -308,20 +324,45 @@ impl HttpTransport {
                 t if t.is_zero() && attempt == 1 => self.inner.request_timeout,
                 t => t,
             };
+            // Whether the deadline, not the policy, bounds this attempt.
+            let mut cut_short = false;
             if let Some(until_deadline) = deadline.remaining() {
                 if until_deadline.is_zero() {
                     return Err(cut(attempt - 1, last));
                 }
+                cut_short = until_deadline < timeout;
                 timeout = timeout.min(until_deadline);
             }
             let outcome = tokio::select! {
                 biased;
                 a = self.attempt(url, body.clone(), timeout) => a,
-                () = deadline.reached() => return Err(cut(attempt, Some((
-                    "request still in flight at the close deadline".to_owned(),
-                    None,
-                )))),
+                () = deadline.reached() => Attempt::Retryable {
+                    message: String::new(),
+                    retry_after: None,
+                    timed_out: true,
+                },
             };
+            let outcome = match outcome {
+                // Timed out at (or because of) the close deadline: say so, not "timed out".
+                Attempt::Retryable {
+                    timed_out: true, ..
+                } if deadline.passed() => Attempt::Retryable {
+                    message: format!("no answer by the close deadline ({})", redact_url(url)),
+                    retry_after: None,
+                    timed_out: true,
+                },
+                other => other,
+            };
+            match &outcome {
+                Attempt::Delivered => {}
+                Attempt::Retryable { message, .. } | Attempt::Permanent { message, .. } => {
+                    *self
+                        .inner
+                        .last_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+                }
+            }
             let (message, retry_after) = match outcome {
                 Attempt::Delivered => return Ok(()),
                 Attempt::Permanent { status, message } => {
@@ -330,8 +371,14 @@ impl HttpTransport {
                 Attempt::Retryable {
                     message,
                     retry_after,
+                    ..
                 } => (message, retry_after),
             };
+            if cut_short && deadline.passed() {
+                // The deadline has passed (the attempt most likely timed out because of it):
+                // report the failure that made retries necessary, if there was one.
+                return Err(cut(attempt, last.or(Some((message, retry_after)))));
+            }
             let delay = policy.next_delay(attempt, start.elapsed(), retry_after, &mut rand::rng());
             let Some(delay) = delay else {
                 tracing::debug!(attempt, %message, "giving up on HTTP delivery");
@@ -429,7 +476,7 @@ impl HttpTransport {
             Err(e) => {
                 let label = if e.is_timeout() { "timeout" } else { "error" };
                 metrics::counter!("tributary_http_requests_total", "status" => label).increment(1);
-                let is_builder = e.is_builder();
+                let (is_builder, timed_out) = (e.is_builder(), e.is_timeout());
                 // reqwest names the URL in its message, password included: name it redacted.
                 let message = format!("{} ({})", error_chain(&e.without_url()), redact_url(url));
                 return if is_builder {
@@ -438,6 +485,7 @@ impl HttpTransport {
                     Attempt::Retryable {
                         message,
                         retry_after: None,
+                        timed_out,
                     }
                 };
             }
@@ -461,6 +509,7 @@ impl HttpTransport {
             Classification::Retryable => Attempt::Retryable {
                 message,
                 retry_after,
+                timed_out: false,
             },
             Classification::Permanent => Attempt::Permanent {
                 status: status.as_u16(),
