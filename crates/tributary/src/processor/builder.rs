@@ -198,7 +198,10 @@ impl BatchEventProcessorBuilder {
     }
 
     /// How long `close()` waits for everything to be dispatched (default 5 s). Zero means
-    /// close does not wait: it reports what is still pending.
+    /// close does not wait: it reports what is still pending. A dispatcher that honours
+    /// [`EventDispatcher::dispatch_with_deadline`] (the HTTP dispatcher does) cuts its
+    /// retries to end a little before it (10 % of it, at most 250 ms), so what it could
+    /// not deliver is reported failed with the reason instead of pending.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
         self
