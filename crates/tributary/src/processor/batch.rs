@@ -940,3 +940,32 @@ fn dispatch_loop(
         shared.progress().finish(seq);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_ack_waits_for_every_earlier_request_whatever_the_finishing_order() {
+        let mut p = Progress::default();
+        let (tx, rx) = bounded(1);
+        // Requests 0..3 were handed out before the flush: the ack waits for all three.
+        p.ack_when(3, tx);
+        // 1, 2 and a later one (3) finish first, 0 is still in flight: no ack yet.
+        p.finish(1);
+        p.finish(2);
+        p.finish(3);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(p.finished_below, 0);
+        p.finish(0);
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(p.finished_below, 4);
+        assert!(p.finished_ahead.is_empty() && p.acks.is_empty());
+        // Nothing outstanding: an ack fires at once.
+        let (tx, rx) = bounded(1);
+        p.ack_when(4, tx);
+        assert!(rx.try_recv().is_ok());
+    }
+}
