@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tributary::bridge::RuntimeBridge;
+use tributary::dispatcher::DispatchDeadline;
 use tributary::retry::{Jitter, RetryPolicy};
 use tributary::{DispatchError, EventDispatcher, LogEvent};
 
@@ -165,7 +166,18 @@ impl SpoolDispatcherBuilder {
 /// [`DispatchError::Permanent`] with status 413 (a visitor too large for the spool) or
 /// [`DispatchError::Unavailable`] (the spool is closed or misconfigured, or the dispatcher
 /// was dropped). Concurrent callers are served concurrently; in-flight appends are bounded
-/// by the number of blocked callers. Dropping it stops and joins its thread.
+/// by the number of blocked callers (the processor's `dispatch_concurrency`). Dropping it
+/// stops and joins its thread.
+///
+/// **At exit nothing pending is lost.** An append takes milliseconds (it does not wait for
+/// the upstream), so the processor's `close()` drains its queue into the spool well within
+/// its timeout, and it waits for every append in flight: once `close()` reports
+/// `pending_at_timeout == 0` and `failed == 0`, every accepted event is durable in the
+/// spool, for a `tributary drain` to forward. Under the processor's close deadline
+/// ([`EventDispatcher::dispatch_with_deadline`]) an append already running is left to
+/// finish (bounded by `attempt_timeout`: cancelling it could not tell whether it was
+/// written), but no retry starts whose pause would end past the deadline; the error is
+/// then counted failed and named in the close report.
 pub struct SpoolDispatcher<S: Spool> {
     // Dropped first: its runtime stops before the spool it served is dropped.
     bridge: RuntimeBridge,
@@ -204,12 +216,13 @@ impl<S: Spool> SpoolDispatcher<S> {
     }
 }
 
-/// Appends with retries; maps the last error to a [`DispatchError`].
+/// Appends with retries, none past `deadline`; maps the last error to a [`DispatchError`].
 async fn append<S: Spool>(
     spool: &S,
     payload: Payload,
     settings: &Settings,
     counters: &Counters,
+    deadline: &DispatchDeadline,
 ) -> Result<(), DispatchError> {
     let mut attempt = 1;
     loop {
@@ -251,22 +264,43 @@ async fn append<S: Spool>(
                 retry_after: None,
             });
         }
+        let pause = settings.retry.backoff(attempt, &mut rand::rng());
+        if deadline.remaining().is_some_and(|left| left <= pause) {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %error, attempts = attempt, "spool append failed; no time left to retry before the close deadline");
+            return Err(DispatchError::Transient {
+                message: format!("{error} (gave up after {attempt} attempt(s): close deadline)"),
+                retry_after: None,
+            });
+        }
         tracing::debug!(error = %error, attempt, "spool append failed; retrying");
         counters.retries.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(settings.retry.backoff(attempt, &mut rand::rng())).await;
+        tokio::time::sleep(pause).await;
         attempt += 1;
     }
 }
 
 impl<S: Spool> EventDispatcher for SpoolDispatcher<S> {
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
+        self.dispatch_with_deadline(log_event, &DispatchDeadline::none())
+    }
+
+    /// Appends as [`dispatch`](EventDispatcher::dispatch) does; no retry starts whose pause
+    /// would end past `deadline` (an append already running finishes).
+    fn dispatch_with_deadline(
+        &self,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
         let payload = Payload::from_batch(log_event.region(), log_event.batch());
-        let (spool, settings, counters) = (
+        let (spool, settings, counters, deadline) = (
             self.spool.clone(),
             self.settings.clone(),
             self.counters.clone(),
+            deadline.clone(),
         );
-        self.bridge
-            .call(move || async move { append(&*spool, payload, &settings, &counters).await })?
+        self.bridge.call(move || async move {
+            append(&*spool, payload, &settings, &counters, &deadline).await
+        })?
     }
 }

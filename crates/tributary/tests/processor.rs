@@ -147,6 +147,8 @@ fn splits_on_context_change() {
     let (rec, rx) = recorder();
     let p = BatchEventProcessor::builder()
         .dispatcher(rec)
+        // One request at a time, so the recorder sees them in the order they were built.
+        .dispatch_concurrency(1)
         .batch_size(100)
         .flush_interval(NEVER)
         .build()
@@ -357,6 +359,8 @@ fn slow_dispatcher_backpressure_becomes_queue_full() {
     let (entered, entered_rx) = bounded(1);
     let p = BatchEventProcessor::builder()
         .dispatcher(Hanging { gate, entered })
+        // One worker, so one request in the dispatcher; with N, N are (see the bound below).
+        .dispatch_concurrency(1)
         .batch_size(1)
         .queue_capacity(8)
         .max_pending_batches(2)
@@ -510,6 +514,9 @@ fn listeners_run_before_dispatch_and_panics_are_contained() {
         .dispatcher(Logged(order.clone()))
         .notification_center(center.clone())
         .batch_size(1)
+        // One request at a time keeps requests in order; with more, only each request's
+        // listener-before-dispatch order holds (tests/latency.rs).
+        .dispatch_concurrency(1)
         .build()
         .unwrap();
     let c = ctx();
@@ -630,6 +637,21 @@ fn builder_rejects_invalid_settings() {
     assert_eq!(
         invalid(base().max_pending_batches(0)),
         "max_pending_batches"
+    );
+    assert_eq!(
+        invalid(base().dispatch_concurrency(0)),
+        "dispatch_concurrency"
+    );
+    assert_eq!(
+        invalid(base().dispatch_concurrency(65)),
+        "dispatch_concurrency"
+    );
+    assert!(
+        base()
+            .dispatch_concurrency(64)
+            .dispatcher(recorder().0)
+            .build()
+            .is_ok()
     );
     // Without a dispatcher the default HTTP dispatcher is used.
     let default = base().start_on_init(false).build().unwrap();

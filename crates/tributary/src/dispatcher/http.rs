@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::transport::{HttpConfig, HttpDispatcherError, HttpStats, HttpTransport};
-use super::{DispatchError, EventDispatcher};
+use super::{DispatchDeadline, DispatchError, EventDispatcher};
 use crate::bridge::RuntimeBridge;
 use crate::isolate::BisectOutcome;
 use crate::log_event::LogEvent;
@@ -93,12 +93,20 @@ type RejectedHook = dyn Fn(&RejectedVisitors) + Send + Sync;
 /// and blocks until it is settled (delivered, retries exhausted, or bisected). So it never needs
 /// the caller's runtime, and it can be built, used and dropped inside or outside one (but a
 /// caller on a current-thread runtime must not dispatch to a server running on that same
-/// runtime: blocking it would starve the server). Concurrent callers are served
-/// concurrently; in-flight requests are bounded by the number of blocked callers. Dropping
-/// it stops and joins the thread.
+/// runtime: blocking it would starve the server). Dropping it stops and joins the thread.
 ///
-/// One `dispatch` takes at most about `retry.total_budget` per request it makes: one
-/// request normally, up to `isolation_budget` more when a batch is isolated.
+/// **Concurrency.** Concurrent callers are served concurrently: each call is a task of its
+/// own on the bridge's runtime, over one pooled keep-alive client
+/// ([`HttpConfig::pool_max_idle_per_host`], default 32, keeps that many connections warm),
+/// so nothing serialises requests. In-flight requests are bounded by the number of blocked
+/// callers, i.e. by the processor's
+/// [`dispatch_concurrency`](crate::BatchEventProcessorBuilder::dispatch_concurrency)
+/// (default 32); calls beyond the bridge's job queue (1024) wait for room.
+///
+/// **Time.** One `dispatch` takes at most about `retry.total_budget` (default 60 s) per
+/// request it makes: one request normally, up to `isolation_budget` more when a batch is
+/// isolated. Under the processor's `close()` it is cut to the close deadline instead
+/// ([`EventDispatcher::dispatch_with_deadline`]).
 pub struct HttpDispatcher {
     // Dropped first: its runtime stops before the client it served is dropped.
     bridge: RuntimeBridge,
@@ -169,12 +177,30 @@ impl HttpDispatcher {
 
 impl EventDispatcher for HttpDispatcher {
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
+        self.dispatch_with_deadline(log_event, &DispatchDeadline::none())
+    }
+
+    /// Delivers as [`dispatch`](EventDispatcher::dispatch) does, but settled by
+    /// `deadline` (see [`HttpTransport::send_until`]): attempt timeouts are cut to it, no
+    /// retry starts whose backoff ends past it, and a request still in flight when it passes
+    /// is abandoned, so the call returns by then with the last error.
+    fn dispatch_with_deadline(
+        &self,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
         let url = self.transport.endpoint_for(&log_event.url).to_owned();
-        let (transport, job_url, job_event) =
-            (self.transport.clone(), url.clone(), log_event.clone());
-        let outcome = self
-            .bridge
-            .call(move || async move { transport.deliver_log_event(&job_url, &job_event).await })?;
+        let (transport, job_url, job_event, job_deadline) = (
+            self.transport.clone(),
+            url.clone(),
+            log_event.clone(),
+            deadline.clone(),
+        );
+        let outcome = self.bridge.call(move || async move {
+            transport
+                .deliver_log_event_until(&job_url, &job_event, &job_deadline)
+                .await
+        })?;
         self.report_rejected(&url, log_event, &outcome);
         outcome.into_result(log_event.visitor_count())
     }

@@ -1,14 +1,22 @@
 //! Event dispatchers: where [`LogEvent`]s go once built.
 //!
-//! [`EventDispatcher`] is the seeds' `dispatch_event(log_event)` contract. The processor calls
-//! it from its own thread, one request at a time, so an implementation may block; it must
-//! return (with an error if need be) rather than hang forever, and it owns its retries.
+//! [`EventDispatcher`] is the seeds' `dispatch_event(log_event)` contract. The
+//! [`BatchEventProcessor`](crate::BatchEventProcessor) calls it from its dispatch worker
+//! threads, up to [`dispatch_concurrency`](crate::BatchEventProcessorBuilder::dispatch_concurrency)
+//! requests at once (default 32), so an implementation may block, must be safe to call from
+//! several threads at once, must return (with an error if need be) rather than hang forever,
+//! and owns its retries. [`EventDispatcher::dispatch_with_deadline`] also passes the
+//! processor's [`DispatchDeadline`]: a dispatcher that honours it cuts its retries to fit
+//! what is left of `close()`'s timeout.
 //!
 //! With the `http` feature (on by default): [`transport`] is the async HTTP delivery that
 //! the library and the relay share, and [`http`] the synchronous
 //! [`HttpDispatcher`](http::HttpDispatcher) over it.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::log_event::LogEvent;
 
@@ -35,17 +43,188 @@ pub trait EventDispatcher: Send + Sync + 'static {
     /// Delivers `log_event`, retrying as the implementation sees fit. `Ok` means every
     /// visitor in it was accepted by the destination.
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError>;
+
+    /// [`dispatch`](Self::dispatch), settled by `deadline` if it gets one.
+    ///
+    /// The [`BatchEventProcessor`](crate::BatchEventProcessor) calls this, never `dispatch`,
+    /// with one [`DispatchDeadline`] shared by all its requests. It has no instant while the
+    /// processor runs; `close()` sets it (a little before its own timeout), also for requests
+    /// already in flight. A dispatcher that honours it stops retrying, and cuts its attempt
+    /// timeouts, so that it returns by then, with the last error if it did not deliver: the
+    /// events are then counted as failed and `close()` reports exactly what was not
+    /// delivered, and why, instead of leaving them pending.
+    ///
+    /// The default calls `dispatch` and ignores the deadline: `close()` then waits for it
+    /// up to its timeout and reports what is still in flight as pending.
+    /// [`HttpDispatcher`](http::HttpDispatcher) honours it.
+    ///
+    /// ```
+    /// use tributary::{DispatchError, EventDispatcher, LogEvent};
+    /// use tributary::dispatcher::DispatchDeadline;
+    ///
+    /// /// Tries up to three times, but never past the deadline.
+    /// struct Patient;
+    /// impl EventDispatcher for Patient {
+    ///     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
+    ///         self.dispatch_with_deadline(log_event, &DispatchDeadline::none())
+    ///     }
+    ///     fn dispatch_with_deadline(
+    ///         &self,
+    ///         _log_event: &LogEvent,
+    ///         deadline: &DispatchDeadline,
+    ///     ) -> Result<(), DispatchError> {
+    ///         for _attempt in 0..3 {
+    ///             if deadline.passed() {
+    ///                 break;
+    ///             }
+    ///             // ... try, return Ok(()) on success ...
+    ///         }
+    ///         Err(DispatchError::Transient { message: "gave up".into(), retry_after: None })
+    ///     }
+    /// }
+    /// ```
+    fn dispatch_with_deadline(
+        &self,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
+        let _ = deadline;
+        self.dispatch(log_event)
+    }
 }
 
 impl<D: EventDispatcher + ?Sized> EventDispatcher for std::sync::Arc<D> {
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
         (**self).dispatch(log_event)
     }
+
+    fn dispatch_with_deadline(
+        &self,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
+        (**self).dispatch_with_deadline(log_event, deadline)
+    }
 }
 
 impl<D: EventDispatcher + ?Sized> EventDispatcher for Box<D> {
     fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
         (**self).dispatch(log_event)
+    }
+
+    fn dispatch_with_deadline(
+        &self,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
+        (**self).dispatch_with_deadline(log_event, deadline)
+    }
+}
+
+/// A deadline that may be set later, shared by the requests it bounds: the processor's way
+/// of telling dispatches in flight that `close()` has started and by when they must end.
+///
+/// Cheap to clone (clones share it). Starts without an instant ([`none`](Self::none)) or
+/// with one ([`at`](Self::at)); [`set`](Self::set) gives it one or moves it earlier, never
+/// later. Readable from any thread ([`get`](Self::get), [`passed`](Self::passed),
+/// [`remaining`](Self::remaining)); async code can await [`reached`](Self::reached) (it
+/// needs a tokio runtime with its time driver).
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use tributary::dispatcher::DispatchDeadline;
+///
+/// let deadline = DispatchDeadline::none();
+/// let seen_by_a_request = deadline.clone();
+/// assert_eq!(seen_by_a_request.get(), None);
+/// assert!(!seen_by_a_request.passed());
+/// deadline.set(Instant::now() + Duration::from_secs(2));
+/// assert!(seen_by_a_request.remaining().is_some_and(|left| left <= Duration::from_secs(2)));
+/// // Moving it later is ignored.
+/// let first = deadline.get();
+/// deadline.set(Instant::now() + Duration::from_secs(60));
+/// assert_eq!(deadline.get(), first);
+/// ```
+#[derive(Clone, Default)]
+pub struct DispatchDeadline {
+    inner: Arc<DeadlineInner>,
+}
+
+#[derive(Default)]
+struct DeadlineInner {
+    at: Mutex<Option<Instant>>,
+    changed: Notify,
+}
+
+impl std::fmt::Debug for DispatchDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchDeadline")
+            .field("remaining", &self.remaining())
+            .finish()
+    }
+}
+
+impl DispatchDeadline {
+    /// No deadline (yet).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// A deadline at `at`.
+    pub fn at(at: Instant) -> Self {
+        let d = Self::default();
+        d.set(at);
+        d
+    }
+
+    /// Sets the deadline to `at`, unless it already is earlier, and wakes
+    /// [`reached`](Self::reached) waiters.
+    pub fn set(&self, at: Instant) {
+        {
+            let mut slot = self.inner.at.lock().unwrap_or_else(|e| e.into_inner());
+            match *slot {
+                Some(current) if current <= at => return,
+                _ => *slot = Some(at),
+            }
+        }
+        self.inner.changed.notify_waiters();
+    }
+
+    /// The instant, if there is one.
+    pub fn get(&self) -> Option<Instant> {
+        *self.inner.at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Time left, `None` without a deadline (zero once it passed).
+    pub fn remaining(&self) -> Option<Duration> {
+        self.get()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether there is a deadline and it has passed.
+    pub fn passed(&self) -> bool {
+        self.get().is_some_and(|at| at <= Instant::now())
+    }
+
+    /// Completes once there is a deadline and it has passed; pending forever without one.
+    /// Notices a deadline set (or moved earlier) while waiting. Needs a tokio runtime with
+    /// its time driver enabled.
+    pub async fn reached(&self) {
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            // Registered before reading, so a `set` in between wakes this waiter.
+            notified.as_mut().enable();
+            match self.get() {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at.into()) => return,
+                        () = &mut notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
     }
 }
 

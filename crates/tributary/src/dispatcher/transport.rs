@@ -31,9 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
-use super::DispatchError;
 #[cfg(doc)]
 use super::http::HttpDispatcher;
+use super::{DispatchDeadline, DispatchError};
 use crate::isolate::{BisectOutcome, IsolationBudget, bisect};
 use crate::log_event::LogEvent;
 use crate::raw::RawBatch;
@@ -163,6 +163,8 @@ struct TransportInner {
     retry: RetryPolicy,
     isolation_budget: usize,
     counters: Counters,
+    /// The last failed attempt's message, for errors of requests never sent.
+    last_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl fmt::Debug for HttpTransport {
@@ -181,6 +183,8 @@ enum Attempt {
     Retryable {
         message: String,
         retry_after: Option<Duration>,
+        /// No answer in time (the attempt's timeout, or the close deadline).
+        timed_out: bool,
     },
     Permanent {
         status: u16,
@@ -234,6 +238,7 @@ impl HttpTransport {
                 retry: config.retry.clone(),
                 isolation_budget: config.isolation_budget.max(1),
                 counters: Counters::default(),
+                last_failure: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -266,17 +271,99 @@ impl HttpTransport {
     /// `Retry-After`. Other statuses are [`DispatchError::Permanent`] at once (status `0`
     /// for a malformed URL). Each attempt's timeout is cut to what the budget has left.
     pub async fn send(&self, url: &str, body: Bytes) -> Result<(), DispatchError> {
+        self.send_until(url, body, &DispatchDeadline::none()).await
+    }
+
+    /// [`HttpTransport::send`], settled by `deadline` if it has (or gets) one: each
+    /// attempt's timeout is cut to what is left of it, no retry starts whose backoff would
+    /// end past it, and an attempt still running when it passes is abandoned. Nothing is
+    /// sent once it has passed. The error is then [`DispatchError::Transient`] with the last
+    /// failure and "close deadline" in its message.
+    pub async fn send_until(
+        &self,
+        url: &str,
+        body: Bytes,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
         let body = if self.inner.gzip { gzip(&body)? } else { body };
         let policy = &self.inner.retry;
         let start = Instant::now();
         let mut attempt: u32 = 1;
+        let mut last: Option<(String, Option<Duration>)> = None;
+        let cut = |attempts: u32, last: Option<(String, Option<Duration>)>| {
+            let (message, retry_after) = match last {
+                Some((m, r)) => (
+                    format!("{m} (gave up after {attempts} attempt(s): close deadline)"),
+                    r,
+                ),
+                None => {
+                    let previous = self
+                        .inner
+                        .last_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let message = match previous {
+                        Some(p) => format!(
+                            "close deadline passed before the request was sent (last failure: {p})"
+                        ),
+                        None => "close deadline passed before the request was sent".to_owned(),
+                    };
+                    (message, None)
+                }
+            };
+            tracing::debug!(attempts, %message, "HTTP delivery cut by the close deadline");
+            DispatchError::Transient {
+                message,
+                retry_after,
+            }
+        };
         loop {
             let left = policy.total_budget.saturating_sub(start.elapsed());
-            let timeout = match self.inner.request_timeout.min(left) {
+            let mut timeout = match self.inner.request_timeout.min(left) {
                 t if t.is_zero() && attempt == 1 => self.inner.request_timeout,
                 t => t,
             };
-            let (message, retry_after) = match self.attempt(url, body.clone(), timeout).await {
+            // Whether the deadline, not the policy, bounds this attempt.
+            let mut cut_short = false;
+            if let Some(until_deadline) = deadline.remaining() {
+                if until_deadline.is_zero() {
+                    return Err(cut(attempt - 1, last));
+                }
+                cut_short = until_deadline < timeout;
+                timeout = timeout.min(until_deadline);
+            }
+            let outcome = tokio::select! {
+                biased;
+                a = self.attempt(url, body.clone(), timeout) => a,
+                () = deadline.reached() => Attempt::Retryable {
+                    message: String::new(),
+                    retry_after: None,
+                    timed_out: true,
+                },
+            };
+            let outcome = match outcome {
+                // Timed out at (or because of) the close deadline: say so, not "timed out".
+                Attempt::Retryable {
+                    timed_out: true, ..
+                } if deadline.passed() => Attempt::Retryable {
+                    message: format!("no answer by the close deadline ({})", redact_url(url)),
+                    retry_after: None,
+                    timed_out: true,
+                },
+                other => other,
+            };
+            match &outcome {
+                Attempt::Delivered => {}
+                Attempt::Retryable { message, .. } | Attempt::Permanent { message, .. } => {
+                    *self
+                        .inner
+                        .last_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+                }
+            }
+            let (message, retry_after) = match outcome {
                 Attempt::Delivered => return Ok(()),
                 Attempt::Permanent { status, message } => {
                     return Err(DispatchError::Permanent { status, message });
@@ -284,8 +371,14 @@ impl HttpTransport {
                 Attempt::Retryable {
                     message,
                     retry_after,
+                    ..
                 } => (message, retry_after),
             };
+            if cut_short && deadline.passed() {
+                // The deadline has passed (the attempt most likely timed out because of it):
+                // report the failure that made retries necessary, if there was one.
+                return Err(cut(attempt, last.or(Some((message, retry_after)))));
+            }
             let delay = policy.next_delay(attempt, start.elapsed(), retry_after, &mut rand::rng());
             let Some(delay) = delay else {
                 tracing::debug!(attempt, %message, "giving up on HTTP delivery");
@@ -294,10 +387,18 @@ impl HttpTransport {
                     retry_after,
                 });
             };
+            if deadline.remaining().is_some_and(|left| left <= delay) {
+                return Err(cut(attempt, Some((message, retry_after))));
+            }
             tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, %message, "retrying HTTP delivery");
             self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("tributary_http_retries_total").increment(1);
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep(delay) => {}
+                () = deadline.reached() => return Err(cut(attempt, Some((message, retry_after)))),
+            }
+            last = Some((message, retry_after));
             attempt += 1;
         }
     }
@@ -308,13 +409,26 @@ impl HttpTransport {
     /// `tributary_http_rejected_visitors_total`); reporting
     /// them is the caller's job.
     pub async fn deliver_bisecting(&self, url: &str, batch: &RawBatch) -> BisectOutcome {
-        self.deliver_inner(url, batch, None).await
+        self.deliver_inner(url, batch, None, &DispatchDeadline::none())
+            .await
     }
 
     /// [`HttpTransport::deliver_bisecting`] of a [`LogEvent`]'s batch, reusing its encoded
     /// body for the first request.
     pub async fn deliver_log_event(&self, url: &str, log_event: &LogEvent) -> BisectOutcome {
-        self.deliver_inner(url, log_event.batch(), Some(log_event.body()))
+        self.deliver_log_event_until(url, log_event, &DispatchDeadline::none())
+            .await
+    }
+
+    /// [`HttpTransport::deliver_log_event`] with every request it makes settled by
+    /// `deadline` (see [`HttpTransport::send_until`]).
+    pub async fn deliver_log_event_until(
+        &self,
+        url: &str,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> BisectOutcome {
+        self.deliver_inner(url, log_event.batch(), Some(log_event.body()), deadline)
             .await
     }
 
@@ -323,6 +437,7 @@ impl HttpTransport {
         url: &str,
         batch: &RawBatch,
         encoded: Option<&Bytes>,
+        deadline: &DispatchDeadline,
     ) -> BisectOutcome {
         let n = batch.visitors().len();
         let budget = IsolationBudget::new(self.inner.isolation_budget);
@@ -331,7 +446,7 @@ impl HttpTransport {
                 Some(b) if range == (0..n) => b.clone(),
                 _ => batch.slice(range).encode(),
             };
-            self.send(url, body)
+            self.send_until(url, body, deadline)
         })
         .await;
         if !outcome.rejected.is_empty() {
@@ -361,7 +476,7 @@ impl HttpTransport {
             Err(e) => {
                 let label = if e.is_timeout() { "timeout" } else { "error" };
                 metrics::counter!("tributary_http_requests_total", "status" => label).increment(1);
-                let is_builder = e.is_builder();
+                let (is_builder, timed_out) = (e.is_builder(), e.is_timeout());
                 // reqwest names the URL in its message, password included: name it redacted.
                 let message = format!("{} ({})", error_chain(&e.without_url()), redact_url(url));
                 return if is_builder {
@@ -370,6 +485,7 @@ impl HttpTransport {
                     Attempt::Retryable {
                         message,
                         retry_after: None,
+                        timed_out,
                     }
                 };
             }
@@ -393,6 +509,7 @@ impl HttpTransport {
             Classification::Retryable => Attempt::Retryable {
                 message,
                 retry_after,
+                timed_out: false,
             },
             Classification::Permanent => Attempt::Permanent {
                 status: status.as_u16(),

@@ -1,7 +1,7 @@
 //! [`ForwardingEventProcessor`]: no queue, no batching, no thread.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::dispatcher::EventDispatcher;
@@ -42,6 +42,7 @@ pub struct ForwardingEventProcessor {
     factory: EventFactory,
     stopped: AtomicBool,
     counters: Counters,
+    last_error: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for ForwardingEventProcessor {
@@ -61,6 +62,7 @@ impl ForwardingEventProcessor {
             factory: EventFactory::new(),
             stopped: AtomicBool::new(false),
             counters: Counters::default(),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -68,6 +70,10 @@ impl ForwardingEventProcessor {
     pub fn with_notification_center(mut self, center: Arc<NotificationCenter>) -> Self {
         self.notification_center = Some(center);
         self
+    }
+
+    fn set_last_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     }
 
     /// Uses another payload limit (bytes).
@@ -98,6 +104,7 @@ impl EventProcessor for ForwardingEventProcessor {
                 "event too large to send; counted as failed"
             );
             counters.fail(1);
+            self.set_last_error(oversized.to_string());
             return Err(ProcessError::Oversized(oversized));
         }
         let mut result = Ok(());
@@ -110,6 +117,7 @@ impl EventProcessor for ForwardingEventProcessor {
                 Ok(()) => counters.dispatched(total as u64, total as u64),
                 Err(e) => {
                     counters.dispatched(e.delivered_of(total) as u64, total as u64);
+                    self.set_last_error(e.to_string());
                     result = Err(ProcessError::Dispatch(e));
                 }
             }
@@ -125,7 +133,17 @@ impl EventProcessor for ForwardingEventProcessor {
     fn close(&self) -> CloseReport {
         let started = Instant::now();
         self.stopped.store(true, Ordering::Release);
-        CloseReport::from_stats(&self.counters.snapshot(), started.elapsed())
+        let last_error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        CloseReport::from_stats(
+            &self.counters.snapshot(),
+            started.elapsed(),
+            false,
+            last_error,
+        )
     }
 
     fn stats(&self) -> ProcessorStats {

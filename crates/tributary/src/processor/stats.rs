@@ -33,7 +33,10 @@ pub struct ProcessorStats {
     pub dropped_queue_full: u64,
     /// Events refused because the processor was stopped.
     pub dropped_stopped: u64,
-    /// LogEvents (requests) handed to the dispatcher.
+    /// Requests handed to the dispatcher: one per [`LogEvent`](crate::LogEvent), i.e. per
+    /// HTTP request with the HTTP dispatcher. Named `batches` after the seeds, but it is not
+    /// the batcher's batch count: a batch over `max_batch_bytes`, or of several contexts,
+    /// becomes several requests. (Exported as `tributary_processor_batches_total`.)
     pub batches: u64,
     /// Events the dispatcher reported delivered.
     pub events_dispatched: u64,
