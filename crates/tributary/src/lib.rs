@@ -57,7 +57,7 @@ pub use datafile::{DatafileError, ProjectConfig};
 pub use dispatcher::http::HttpDispatcher;
 #[cfg(feature = "http")]
 pub use dispatcher::transport::{HttpConfig, HttpDispatcherError, HttpTransport};
-pub use dispatcher::{DispatchError, EventDispatcher};
+pub use dispatcher::{DispatchDeadline, DispatchError, EventDispatcher};
 pub use event::{
     AttributeValue, Conversion, EventContext, Impression, Region, UserEvent, UserEventKind,
     VisitorAttribute,
