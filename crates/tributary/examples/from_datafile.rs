@@ -150,7 +150,6 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     // A visitor without attributes: NO_ATTRIBUTES (a bare `[]` cannot be typed).
     record(factory.conversion("anonymous-1", NO_ATTRIBUTES, "add_to_cart", None)?);
-    drop(record);
 
     // 4. Close: sends what is batched and waits (up to the close timeout) for delivery.
     let report = processor.close();

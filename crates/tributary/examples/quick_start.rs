@@ -69,7 +69,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         record(UserEvent::new(context.clone(), &user, vec![], purchase));
     }
-    drop(record);
 
     // 40 events: two full batches of 15 went out already; close sends the last 10 and waits
     // (up to the close timeout, 5 s by default) for the dispatcher. Dropping the processor
