@@ -298,7 +298,9 @@ fn print_table(o: &Outcome) {
         o.events, o.batch_size, o.threads, o.queue_capacity
     );
     match o.upstream_latency_ms {
-        Some(ms) => println!("dispatcher: HttpDispatcher to a loopback upstream answering after {ms} ms"),
+        Some(ms) => {
+            println!("dispatcher: HttpDispatcher to a loopback upstream answering after {ms} ms")
+        }
         None => println!("dispatcher: in-process, discarding"),
     }
     println!();
