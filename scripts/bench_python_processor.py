@@ -16,15 +16,22 @@ then discards the body. Same workload and same measurements as the Rust command:
 A producer that finds the queue full waits (outside the timed call) rather than losing the
 event, as the Rust command does: the SDK's `process()` would drop it with a warning.
 
+With `--endpoint URL` the dispatcher is the SDK's own default `EventDispatcher` (requests,
+one POST per batch, on the processor's one thread), each request sent to URL instead of
+logx.optimizely.com: run it against `tributary bench sink --latency D` to compare with
+`tributary bench processor --upstream-latency D`. Events are then counted as delivered when
+the request returned without an exception the SDK logs.
+
 Usage:
     python scripts/bench_python_processor.py [--events N] [--batch-size B] [--threads T]
-        [--queue-capacity Q] [--datafile FILE] [--json]
+        [--queue-capacity Q] [--datafile FILE] [--endpoint URL] [--json]
 
 Needs `optimizely-sdk==5.7.0` (see requirements-dev.txt).
 """
 
 import argparse
 import json
+import logging
 import math
 import os
 import queue
@@ -34,6 +41,7 @@ import time
 
 from optimizely import version as sdk_version
 from optimizely.config_manager import StaticConfigManager
+from optimizely.event_dispatcher import EventDispatcher as SdkEventDispatcher
 from optimizely.event.event_processor import BatchEventProcessor
 from optimizely.event.user_event_factory import UserEventFactory
 
@@ -60,6 +68,44 @@ class DumpAndDiscard:
         self.visitors += len(log_event.params["visitors"])
         self.requests += 1
         self.bytes += len(body)
+
+
+class SdkDispatcherTo:
+    """The SDK's default dispatcher (`requests`, retries on 5xx), aimed at `endpoint`."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+        self.visitors = 0
+        self.requests = 0
+        self.bytes = 0
+        self.failed = 0
+
+    def dispatch_event(self, log_event):
+        log_event.url = self.endpoint
+        handler = _CountErrors()
+        logging.getLogger().addHandler(handler)
+        try:
+            SdkEventDispatcher.dispatch_event(log_event)
+        finally:
+            logging.getLogger().removeHandler(handler)
+        n = len(log_event.params["visitors"])
+        self.requests += 1
+        self.bytes += len(json.dumps(log_event.params))
+        if handler.errors:
+            self.failed += n
+        else:
+            self.visitors += n
+
+
+class _CountErrors(logging.Handler):
+    """Counts the `Dispatch event failed` errors the SDK's dispatcher logs."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.errors = 0
+
+    def emit(self, record):
+        self.errors += 1
 
 
 def build_user_events(config, t, n):
@@ -107,6 +153,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--queue-capacity", type=int, default=1000)
     parser.add_argument("--datafile", default=DEFAULT_DATAFILE)
+    parser.add_argument("--endpoint", help="POST with the SDK's dispatcher to this URL")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
     if args.events < 1 or args.threads < 1:
@@ -117,7 +164,7 @@ def main():
     if config is None:
         sys.exit(f"{args.datafile}: not a usable datafile")
 
-    dispatcher = DumpAndDiscard()
+    dispatcher = SdkDispatcherTo(args.endpoint) if args.endpoint else DumpAndDiscard()
     event_queue = queue.Queue(maxsize=args.queue_capacity)
     processor = BatchEventProcessor(
         dispatcher,
@@ -176,6 +223,8 @@ def main():
         "batch_size": args.batch_size,
         "threads": args.threads,
         "queue_capacity": args.queue_capacity,
+        "endpoint": args.endpoint,
+        "failed": getattr(dispatcher, "failed", 0),
         "dispatched": dispatcher.visitors,
         "lost": args.events - dispatcher.visitors,
         "batches": dispatcher.requests,

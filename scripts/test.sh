@@ -25,3 +25,9 @@ echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== examples against a loopback upstream"
+# Rebuild the example binaries (a test run alone would find stale ones), then run each one:
+# from_datafile posts to a RecordingUpstream on 127.0.0.1:<free port> (TRIBUTARY_ENDPOINT);
+# every example must exit 0 and account for every event it made (see tests/examples_run.rs).
+cargo build -p tributary --examples --locked --quiet
+cargo test -p tributary --test examples_run --locked

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use tributary::{
     BatchEventProcessor, Conversion, DispatchError, EventContext, EventDispatcher, LogEvent,
-    UserEvent, UserEventKind,
+    ProcessError, UserEvent, UserEventKind,
 };
 
 /// Appends `{"url":...,"body":...}` lines to a file.
@@ -62,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
 
     let context = Arc::new(EventContext::new("12133785640", "21537940595", "131"));
+    let mut queue_full = 0;
     for i in 0..12 {
         let event = UserEvent::new(
             context.clone(),
@@ -75,7 +76,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tags: None,
             }),
         );
-        processor.process(event)?;
+        // process() never blocks: a full queue drops the event. Count it; `?` here would end
+        // the program at the first burst.
+        match processor.process(event) {
+            Ok(()) => {}
+            Err(ProcessError::QueueFull) => queue_full += 1,
+            Err(e) => eprintln!("event not recorded: {e}"),
+        }
     }
     let report = processor.close();
     println!(
@@ -83,6 +90,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.dispatched,
         processor.stats().batches,
         path.display()
+    );
+    println!(
+        "dispatched {}, failed {}, dropped {} (queue full: {queue_full}), pending {}",
+        report.dispatched, report.failed, report.dropped, report.pending_at_timeout
     );
     Ok(())
 }

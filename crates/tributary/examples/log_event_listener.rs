@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tributary::{
     BatchEventProcessor, Conversion, DispatchError, EventContext, EventDispatcher, LogEvent,
-    NotificationCenter, NotificationType, UserEvent, UserEventKind,
+    NotificationCenter, NotificationType, ProcessError, UserEvent, UserEventKind,
 };
 
 /// Sends nowhere.
@@ -47,8 +47,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .batch_size(4)
         .build()?;
     let context = Arc::new(EventContext::new("12133785640", "21537940595", "131"));
+    let mut queue_full = 0;
     for i in 0..10 {
-        processor.process(UserEvent::new(
+        let result = processor.process(UserEvent::new(
             context.clone(),
             format!("user-{i}"),
             vec![],
@@ -59,13 +60,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 value: None,
                 tags: None,
             }),
-        ))?;
+        ));
+        // process() never blocks: a full queue drops the event. Count it, do not `?` it.
+        match result {
+            Ok(()) => {}
+            Err(ProcessError::QueueFull) => queue_full += 1,
+            Err(e) => eprintln!("event not recorded: {e}"),
+        }
     }
     let report = processor.close();
     println!(
         "listener saw {} events; {} dispatched",
         events_seen.load(Ordering::Relaxed),
         report.dispatched
+    );
+    println!(
+        "dispatched {}, failed {}, dropped {} (queue full: {queue_full}), pending {}",
+        report.dispatched, report.failed, report.dropped, report.pending_at_timeout
     );
 
     center.remove_notification_listener(id);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tributary::{
     BatchEventProcessor, Conversion, DispatchError, EventContext, EventDispatcher, Impression,
-    LogEvent, UserEvent, UserEventKind,
+    LogEvent, ProcessError, UserEvent, UserEventKind,
 };
 
 /// Prints one line per request.
@@ -38,6 +38,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // One context per datafile revision, shared by all its events.
     let context = Arc::new(EventContext::new("12133785640", "21537940595", "131"));
+    // process() never blocks: when the queue is full it drops the event and says so. Count
+    // drops rather than `?` them: an error here must not end the program.
+    let mut queue_full = 0;
+    let mut record = |event: UserEvent| match processor.process(event) {
+        Ok(()) => {}
+        Err(ProcessError::QueueFull) => queue_full += 1,
+        Err(e) => eprintln!("event not recorded: {e}"),
+    };
     for i in 0..20 {
         let user = format!("user-{i}");
         let impression = UserEventKind::Impression(Impression {
@@ -51,12 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             enabled: true,
             cmab_uuid: None,
         });
-        // process() never blocks; an error means the event was dropped (and counted).
-        if let Err(e) =
-            processor.process(UserEvent::new(context.clone(), &user, vec![], impression))
-        {
-            eprintln!("impression not recorded: {e}");
-        }
+        record(UserEvent::new(context.clone(), &user, vec![], impression));
         let purchase = UserEventKind::Conversion(Conversion {
             event_id: "21549340108".into(),
             event_key: "purchase".into(),
@@ -64,10 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             value: None,
             tags: None,
         });
-        if let Err(e) = processor.process(UserEvent::new(context.clone(), &user, vec![], purchase))
-        {
-            eprintln!("conversion not recorded: {e}");
-        }
+        record(UserEvent::new(context.clone(), &user, vec![], purchase));
     }
 
     // 40 events: two full batches of 15 went out already; close sends the last 10 and waits
@@ -75,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // would do the same; calling close() gives you the report.
     let report = processor.close();
     println!(
-        "dispatched {}, failed {}, dropped {}, pending {}",
+        "dispatched {}, failed {}, dropped {} (queue full: {queue_full}), pending {}",
         report.dispatched, report.failed, report.dropped, report.pending_at_timeout
     );
     Ok(())

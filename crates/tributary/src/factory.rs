@@ -1,4 +1,8 @@
 //! [`EventFactory`]: user events in, Event API requests out, none over the size limit.
+//!
+//! This is the *payload* builder: many [`UserEvent`]s to request bodies. The processor calls
+//! it; applications rarely do. To build a user event from a datafile and a decision, use
+//! [`UserEventFactory`](crate::UserEventFactory) (the *user-event* builder) instead.
 
 use std::sync::Arc;
 
@@ -16,6 +20,9 @@ const ACTIVATE_EVENT_KEY: &str = "campaign_activated";
 /// Turns user events into [`LogEvent`]s: one visitor object per event, as the SDKs send,
 /// events of one context per payload, and as many payloads as needed so that none is larger
 /// than `max_batch_bytes`.
+///
+/// Not to be confused with [`UserEventFactory`](crate::UserEventFactory), which builds the
+/// user events this one batches.
 ///
 /// ```
 /// use std::sync::Arc;

@@ -3,13 +3,26 @@
 //! User events (impressions and conversions) go in; Optimizely Event API v1 requests come
 //! out, batched, size-limited and delivered with retries.
 //!
+//! It does not bucket users or evaluate flags: it records the decisions an SDK (or your own
+//! code) made. And unless told otherwise (`HttpDispatcher::builder().endpoint(...)`), the
+//! HTTP dispatcher posts to the production Event API, `https://logx.optimizely.com/v1/events`.
+//!
+//! **Which factory do I want?** [`UserEventFactory`]: from a datafile and a decision (or a
+//! conversion) to one [`UserEvent`]; that is the one applications call. [`EventFactory`]:
+//! from many user events to Event API request bodies; the processor calls it for you.
+//!
+//! From a datafile to delivered events: `examples/from_datafile.rs`.
+//!
 //! ```text
 //! UserEvent -> EventProcessor::process() -> bounded queue -> batcher thread
 //!           -> EventFactory -> LogEvent -> LOG_EVENT listeners -> EventDispatcher
 //! ```
 //!
 //! - [`event`]: the user events and their context.
-//! - [`EventFactory`]: many user events to [`LogEvent`]s of at most 3.5 MB each.
+//! - [`user_event_factory`]: [`UserEventFactory`], one user event from a datafile
+//!   ([`ProjectConfig`]) and a decision or conversion.
+//! - [`EventFactory`]: many user events to [`LogEvent`]s of at most 3.5 MB each (the payload
+//!   builder the processor uses).
 //! - [`payload`]: the Event API `EventBatch` as typed values; [`raw`]: as bytes, and the one
 //!   writer of request bodies ([`raw::write_body`]).
 //! - [`processor`]: [`BatchEventProcessor`] (batches on its own threads) and

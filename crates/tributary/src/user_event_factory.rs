@@ -1,16 +1,28 @@
 //! [`UserEventFactory`]: impressions and conversions built from a datafile the way the
 //! official SDKs build them (Python SDK 5.7.0 is the reference).
 //!
+//! **Which factory?** This one, `UserEventFactory`, turns *one decision or one conversion*
+//! plus a datafile into one [`UserEvent`] (ids looked up by key, attributes filtered). The
+//! other one, [`EventFactory`](crate::EventFactory), turns *many user events* into Event API
+//! request bodies ([`LogEvent`](crate::LogEvent)s); the [`BatchEventProcessor`](crate::BatchEventProcessor)
+//! calls it for you, so an application usually needs only this one.
+//!
+//! It does not decide anything: bucketing, audiences and rule evaluation are the SDK's job.
+//! You tell it which variation of which rule a user got (what `decide` returned), and it
+//! records that as an impression.
+//!
 //! - Attributes: in the order given, only keys the datafile declares (or with the reserved
 //!   `$opt_` prefix, sent with the key as id), only values the Event API takes (string,
 //!   boolean, or a finite number within ±2^53); then `$opt_bot_filtering` when the
-//!   datafile's `botFiltering` is a boolean.
+//!   datafile's `botFiltering` is a boolean. No attributes: [`NO_ATTRIBUTES`] (a bare `[]`
+//!   does not compile, error E0283, because its element type cannot be inferred).
 //! - Tags: sent as given, except that, like the SDK, null-valued `revenue`, `value`, `tags`
 //!   and `decisions` keys are dropped from every object in them; `revenue` is taken from an integral, non-boolean number; `value`
 //!   from a finite number or a string Python's `float()` reads as a finite number.
-//! - Impressions: the rule is looked up among the flag's experiments (`rule_type`
-//!   `"feature-test"`), then its rollout's rules (`"rollout"`); `campaign_id` is the rule's
-//!   layer id; the variation is looked up by key in that rule.
+//! - Impressions: described by an [`ImpressionRequest`] and built with
+//!   [`UserEventFactory::build_impression`]. The rule is looked up among the flag's
+//!   experiments (`rule_type` `"feature-test"`), then its rollout's rules (`"rollout"`);
+//!   `campaign_id` is the rule's layer id; the variation is looked up by key in that rule.
 //!
 //! Attribute order matters: the payload's `attributes` is an array, and the SDK keeps the
 //! caller's insertion order. So attributes are taken as any sequence of `(key, value)` pairs,
@@ -22,7 +34,7 @@
 //! use std::sync::Arc;
 //! use serde_json::json;
 //! use tributary::datafile::ProjectConfig;
-//! use tributary::user_event_factory::UserEventFactory;
+//! use tributary::user_event_factory::{ImpressionRequest, NO_ATTRIBUTES, UserEventFactory};
 //!
 //! let config = ProjectConfig::from_json(r#"{"version": "4", "accountId": "1",
 //!     "projectId": "2", "revision": "3", "botFiltering": true,
@@ -33,6 +45,9 @@
 //! let event = factory.conversion("user-1", [("plan", json!("free")), ("other", json!(1))],
 //!     "purchase", tags.as_object()).unwrap();
 //! assert_eq!(event.attributes.len(), 2); // plan, $opt_bot_filtering
+//!
+//! let bare = factory.conversion("user-2", NO_ATTRIBUTES, "purchase", None).unwrap();
+//! assert_eq!(bare.attributes.len(), 1); // $opt_bot_filtering only
 //! ```
 
 use std::borrow::Borrow;
@@ -57,6 +72,20 @@ pub const RESERVED_ATTRIBUTE_PREFIX: &str = "$opt_";
 pub const BOT_FILTERING_ATTRIBUTE: &str = "$opt_bot_filtering";
 /// Largest magnitude of a numeric attribute value the Event API takes: 2^53.
 pub const MAX_ATTRIBUTE_NUMBER: f64 = 9_007_199_254_740_992.0;
+
+/// No attributes, with a type: pass it where a bare `[]` fails to compile (E0283, the element
+/// type of an empty array cannot be inferred).
+///
+/// ```
+/// # use std::sync::Arc;
+/// use tributary::user_event_factory::{NO_ATTRIBUTES, UserEventFactory};
+/// # let config = tributary::ProjectConfig::from_json(r#"{"version": "4", "accountId": "1",
+/// #     "projectId": "2", "revision": "3", "events": [{"id": "21", "key": "purchase"}]}"#).unwrap();
+/// let factory = UserEventFactory::new(Arc::new(config));
+/// let event = factory.conversion("user-1", NO_ATTRIBUTES, "purchase", None).unwrap();
+/// assert!(event.attributes.is_empty());
+/// ```
+pub const NO_ATTRIBUTES: [(&str, Value); 0] = [];
 
 /// The tag `revenue` comes from.
 const REVENUE_TAG: &str = "revenue";
@@ -138,7 +167,10 @@ impl fmt::Display for KnownKeys {
     }
 }
 
-/// What an impression records: which variation of which rule of which flag a user got.
+/// What an impression records: which variation of which rule of which flag a user got, as
+/// the SDK decided it (this crate does not bucket). Build it with [`ImpressionRequest::new`]
+/// or as a struct literal with `..Default::default()`, then pass it to
+/// [`UserEventFactory::build_impression`].
 ///
 /// ```
 /// use tributary::user_event_factory::ImpressionRequest;
@@ -146,8 +178,18 @@ impl fmt::Display for KnownKeys {
 ///     .enabled(true)
 ///     .cmab_uuid("c0ffee");
 /// assert_eq!(req.enabled, Some(true));
+///
+/// // The same, as a struct literal; left out: `enabled` from the variation, no CMAB id.
+/// let req = ImpressionRequest {
+///     user_id: "user-1",
+///     flag_key: "checkout_redesign",
+///     rule_key: "checkout_redesign_ab",
+///     variation_key: "treatment",
+///     ..Default::default()
+/// };
+/// assert_eq!(req.enabled, None);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ImpressionRequest<'a> {
     /// The visitor id.
     pub user_id: &'a str,
@@ -230,6 +272,11 @@ impl UserEventFactory {
     }
 
     /// An impression: `user_id` got `variation_key` of rule `rule_key` of `flag_key`.
+    ///
+    /// The positional form of [`build_impression`](Self::build_impression), kept for
+    /// existing callers; prefer `build_impression` with an [`ImpressionRequest`], which
+    /// names its fields and can take `enabled` from the datafile. No attributes:
+    /// [`NO_ATTRIBUTES`].
     pub fn impression(
         &self,
         user_id: &str,
@@ -244,7 +291,27 @@ impl UserEventFactory {
         self.build_impression(&req, attributes)
     }
 
-    /// An impression described by `req`.
+    /// An impression described by `req`, with the visitor's `attributes` (any sequence of
+    /// `(key, value)` pairs; [`NO_ATTRIBUTES`] for none).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// use serde_json::json;
+    /// use tributary::user_event_factory::{ImpressionRequest, NO_ATTRIBUTES, UserEventFactory};
+    /// # let config = tributary::ProjectConfig::from_json(r#"{"version": "4", "accountId": "1",
+    /// #   "projectId": "2", "revision": "3", "attributes": [{"id": "11", "key": "plan"}],
+    /// #   "experiments": [{"id": "31", "key": "ab", "layerId": "41", "status": "Running",
+    /// #     "variations": [{"id": "51", "key": "treatment", "featureEnabled": true}],
+    /// #     "trafficAllocation": [], "audienceIds": [], "forcedVariations": {}}],
+    /// #   "featureFlags": [{"id": "61", "key": "checkout", "experimentIds": ["31"],
+    /// #     "rolloutId": "", "variables": []}]}"#).unwrap();
+    /// let factory = UserEventFactory::new(Arc::new(config));
+    /// let req = ImpressionRequest::new("user-1", "checkout", "ab", "treatment");
+    /// let event = factory.build_impression(&req, [("plan", json!("pro"))]).unwrap();
+    /// assert_eq!(event.attributes.len(), 1);
+    /// let event = factory.build_impression(&req, NO_ATTRIBUTES).unwrap();
+    /// assert!(event.attributes.is_empty());
+    /// ```
     pub fn build_impression(
         &self,
         req: &ImpressionRequest<'_>,

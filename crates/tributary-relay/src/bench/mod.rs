@@ -9,8 +9,9 @@ mod relay;
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
-    /// Run the batch event processor in-process with a no-op dispatcher: process() latency
-    /// percentiles and end-to-end events/s until close.
+    /// Run the batch event processor in-process with a no-op dispatcher (or, with
+    /// `--upstream-latency`, the HTTP dispatcher against a slow loopback server): process()
+    /// latency percentiles and end-to-end events/s until close.
     Processor(processor::ProcessorArgs),
     /// Load a relay with realistic Event API payloads: requests/s, events/s, latency
     /// percentiles.

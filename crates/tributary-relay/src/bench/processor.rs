@@ -1,5 +1,6 @@
 //! `tributary bench processor`: the library's [`BatchEventProcessor`] in-process, with a
-//! dispatcher that discards what it is given.
+//! dispatcher that discards what it is given, or (`--upstream-latency`) with the real
+//! [`HttpDispatcher`] posting to a loopback server that answers 204 after that latency.
 //!
 //! What is measured:
 //! - **process() latency**: `Instant::now()` around every call, stored in a preallocated
@@ -14,7 +15,14 @@
 //! users, built before the clock starts (about 1.5 KB each: `--events` bounds the memory).
 //! A producer that finds the queue full waits (outside the timed call) rather than losing
 //! events, so the figure is the sustained rate of the pipeline. The peer is
-//! `scripts/bench_python_processor.py`. For the one-core figure, run under `taskset -c 0`.
+//! `scripts/bench_python_processor.py` (with `--endpoint`, the SDK's own dispatcher against
+//! `tributary bench sink --latency`). For the one-core figure, run under `taskset -c 0`.
+//!
+//! With `--upstream-latency D` the upstream is [`LoopbackSink`] on `127.0.0.1:<free port>`,
+//! each request waiting `D` before its 204 (requests wait side by side, not in a line), so the
+//! figure shows how much of the upstream's latency the processor hides. The processor keeps
+//! its defaults but for `--batch-size` and `--queue-capacity`; events are counted as
+//! delivered by the server, not the dispatcher.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,8 +34,11 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tributary::{
     AttributeValue, BatchEventProcessor, Conversion, DispatchError, EventContext, EventDispatcher,
-    Impression, LogEvent, UserEvent, UserEventKind, VisitorAttribute,
+    HttpDispatcher, Impression, LogEvent, UserEvent, UserEventKind, VisitorAttribute,
 };
+
+use super::relay::LoopbackSink;
+use crate::config::HumanDuration;
 
 /// Run the batch event processor in-process with a no-op dispatcher.
 #[derive(Debug, clap::Args)]
@@ -44,9 +55,34 @@ pub struct ProcessorArgs {
     /// The processor's queue_capacity.
     #[arg(long, default_value_t = 1000)]
     pub queue_capacity: usize,
+    /// Dispatch with the real HTTP dispatcher to a loopback server that answers 204 after
+    /// this long (e.g. `0ms`, `10ms`, `50ms`), instead of discarding in-process.
+    #[arg(long)]
+    pub upstream_latency: Option<HumanDuration>,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the processor's requests go.
+enum Peer {
+    /// Discarded in-process.
+    Discard(Arc<Discard>),
+    /// Posted over HTTP to a loopback server.
+    Http(LoopbackSink),
+}
+
+impl Peer {
+    /// (events, body bytes) received.
+    fn received(&self) -> (u64, u64) {
+        match self {
+            Peer::Discard(d) => (
+                d.visitors.load(Ordering::Relaxed),
+                d.bytes.load(Ordering::Relaxed),
+            ),
+            Peer::Http(sink) => (sink.events(), sink.bytes()),
+        }
+    }
 }
 
 /// Discards requests, counting visitors and bytes so the work cannot be skipped unseen.
@@ -82,6 +118,8 @@ struct Outcome {
     batch_size: usize,
     threads: usize,
     queue_capacity: usize,
+    /// `--upstream-latency` in milliseconds; absent: the in-process discarding dispatcher.
+    upstream_latency_ms: Option<f64>,
     accepted: u64,
     dropped: u64,
     dispatched: u64,
@@ -101,10 +139,23 @@ pub fn run(args: ProcessorArgs) -> anyhow::Result<ExitCode> {
     if args.events == 0 || args.threads == 0 {
         bail!("--events and --threads must be at least 1");
     }
-    let discard = Arc::new(Discard::default());
+    let (peer, dispatcher): (Peer, Box<dyn EventDispatcher>) = match &args.upstream_latency {
+        None => {
+            let discard = Arc::new(Discard::default());
+            (Peer::Discard(discard.clone()), Box::new(discard))
+        }
+        Some(latency) => {
+            let sink = LoopbackSink::start(latency.0).context("starting the loopback upstream")?;
+            let http = HttpDispatcher::builder()
+                .endpoint(sink.url())
+                .build()
+                .context("building the HTTP dispatcher")?;
+            (Peer::Http(sink), Box::new(http))
+        }
+    };
     let processor = Arc::new(
         BatchEventProcessor::builder()
-            .dispatcher(discard.clone())
+            .dispatcher(dispatcher)
             .batch_size(args.batch_size)
             .queue_capacity(args.queue_capacity)
             .close_timeout(Duration::from_secs(600))
@@ -151,12 +202,16 @@ pub fn run(args: ProcessorArgs) -> anyhow::Result<ExitCode> {
         batch_size: args.batch_size,
         threads: args.threads,
         queue_capacity: args.queue_capacity,
+        upstream_latency_ms: args
+            .upstream_latency
+            .as_ref()
+            .map(|l| l.0.as_secs_f64() * 1e3),
         accepted: stats.accepted,
         dropped,
         dispatched: report.dispatched,
         failed: report.failed,
         batches: stats.batches,
-        body_bytes: discard.bytes.load(Ordering::Relaxed),
+        body_bytes: peer.received().1,
         latency_ns: latency(&samples),
         timer_overhead_ns,
         elapsed_s: elapsed.as_secs_f64(),
@@ -167,7 +222,7 @@ pub fn run(args: ProcessorArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_table(&outcome);
     }
-    let seen = discard.visitors.load(Ordering::Relaxed);
+    let seen = peer.received().0;
     if !report.completed() || report.dispatched != stats.accepted || seen != stats.accepted {
         eprintln!(
             "error: {} events accepted, {} dispatched, {} seen by the dispatcher, {} pending",
@@ -242,6 +297,12 @@ fn print_table(o: &Outcome) {
         "tributary bench processor: {} events, batch size {}, {} producer thread(s), queue {}",
         o.events, o.batch_size, o.threads, o.queue_capacity
     );
+    match o.upstream_latency_ms {
+        Some(ms) => {
+            println!("dispatcher: HttpDispatcher to a loopback upstream answering after {ms} ms")
+        }
+        None => println!("dispatcher: in-process, discarding"),
+    }
     println!();
     println!(
         "process() latency, ns (timer overhead of ~{} ns included)",
@@ -338,6 +399,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn http_run_against_a_slow_loopback_upstream_delivers_every_event() {
+        let code = run(ProcessorArgs {
+            events: 200,
+            batch_size: 10,
+            threads: 2,
+            queue_capacity: 1000,
+            upstream_latency: Some(HumanDuration(Duration::from_millis(5))),
+            json: true,
+        })
+        .unwrap();
+        assert_eq!(code, ExitCode::SUCCESS);
+    }
+
+    #[test]
     fn percentiles_use_nearest_rank() {
         let sorted: Vec<u64> = (1..=1000).collect();
         let l = latency(&sorted);
@@ -356,6 +431,7 @@ mod tests {
             batch_size: 7,
             threads: 3,
             queue_capacity: 64,
+            upstream_latency: None,
             json: true,
         })
         .unwrap();
@@ -366,6 +442,7 @@ mod tests {
                 batch_size: 7,
                 threads: 1,
                 queue_capacity: 64,
+                upstream_latency: None,
                 json: false,
             })
             .is_err()

@@ -54,6 +54,10 @@ pub struct SinkArgs {
     /// event in N is bad. 0: refuse nothing.
     #[arg(long, default_value_t = 0)]
     pub refuse_one_in: u64,
+    /// Wait this long before answering each request, like an upstream that far away (each
+    /// request waits on its own; requests do not queue behind each other).
+    #[arg(long, default_value = "0s")]
+    pub latency: HumanDuration,
 }
 
 /// A realistic payload: the shape the Python SDK sends for a conversion, `n` visitors.
@@ -234,9 +238,77 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
 struct SinkState {
     requests: AtomicU64,
     events: AtomicU64,
+    bytes: AtomicU64,
     refused: AtomicU64,
     refuse_one_in: u64,
+    latency: Duration,
     first_at: std::sync::OnceLock<Instant>,
+}
+
+impl SinkState {
+    fn router(state: Arc<SinkState>) -> axum::Router {
+        axum::Router::new()
+            .route("/v1/events", post(sink))
+            .route("/eu/v1/events", post(sink))
+            // axum's default 2 MB limit is below the Event API's 3.5 MB.
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+            .with_state(state)
+    }
+}
+
+/// The sink in-process: on `127.0.0.1:<free port>`, on its own tokio runtime (two worker
+/// threads), answering 204 after `latency`. Dropping it stops the server.
+pub(crate) struct LoopbackSink {
+    addr: SocketAddr,
+    state: Arc<SinkState>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl LoopbackSink {
+    /// Binds and starts serving.
+    pub(crate) fn start(latency: Duration) -> anyhow::Result<LoopbackSink> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-upstream")
+            .enable_all()
+            .build()?;
+        let state = Arc::new(SinkState {
+            latency,
+            ..SinkState::default()
+        });
+        let app = SinkState::router(state.clone());
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
+        let addr = listener.local_addr()?;
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        Ok(LoopbackSink {
+            addr,
+            state,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// `http://127.0.0.1:<port>/v1/events`.
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}/v1/events", self.addr)
+    }
+
+    /// Events (visitors) answered with 204 so far.
+    pub(crate) fn events(&self) -> u64 {
+        self.state.events.load(Ordering::Relaxed)
+    }
+
+    /// Request body bytes received so far, as sent.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.state.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LoopbackSink {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
 }
 
 /// Runs the bare sink until `--expect-events` arrive, or forever.
@@ -247,14 +319,10 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let state = Arc::new(SinkState {
             refuse_one_in: args.refuse_one_in,
+            latency: args.latency.0,
             ..SinkState::default()
         });
-        let app = axum::Router::new()
-            .route("/v1/events", post(sink))
-            .route("/eu/v1/events", post(sink))
-            // axum's default 2 MB limit is below the Event API's 3.5 MB.
-            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-            .with_state(state.clone());
+        let app = SinkState::router(state.clone());
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         eprintln!("sink listening on {}", listener.local_addr()?);
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -289,11 +357,15 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Answers 204 (or 400 for a request holding a bad event, with `--refuse-one-in`); counts
-/// the visitors it accepted by parsing only the top level.
+/// Answers 204 (or 400 for a request holding a bad event, with `--refuse-one-in`), after
+/// `--latency`; counts the visitors it accepted by parsing only the top level.
 async fn sink(State(state): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
     let _ = state.first_at.set(Instant::now());
     state.requests.fetch_add(1, Ordering::Relaxed);
+    state.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    if !state.latency.is_zero() {
+        tokio::time::sleep(state.latency).await;
+    }
     if state.refuse_one_in > 0 && holds_bad_event(&body, state.refuse_one_in) {
         state.refused.fetch_add(1, Ordering::Relaxed);
         return StatusCode::BAD_REQUEST;
