@@ -7,8 +7,10 @@
 #
 #   scripts/bench_processor_latency.sh [LATENCIES_MS...]     (default: 0 10 50)
 #
-# Events per run shrink with the latency so every run takes seconds, not minutes, with the
-# one-request-in-flight processors of today (about batch_size / RTT events/s).
+# Tributary keeps up to 32 requests in flight, so it gets 20,000 events at every latency; the
+# SDK's processor has one in flight (about batch_size / RTT events/s), so its event count
+# shrinks with the latency to keep each run to seconds, not minutes. events/s is the figure
+# compared.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -30,7 +32,7 @@ events_for() { # enough for a few seconds at ~batch/RTT
 printf '%-8s %10s %8s %12s %8s\n' impl latency_ms events events/s lost
 for ms in "${latencies[@]}"; do
   n="$(events_for "$ms")"
-  RUST_LOG=error "$bin" bench processor --events "$n" --batch-size 10 --threads 1 \
+  RUST_LOG=error "$bin" bench processor --events 20000 --batch-size 10 --threads 1 \
       --upstream-latency "${ms}ms" --json |
     python3 -c "import json,sys; d=json.load(sys.stdin); print('%-8s %10s %8d %12.0f %8d' % ('rust', '$ms', d['events'], d['events_per_s'], d['events'] - d['dispatched']))"
 

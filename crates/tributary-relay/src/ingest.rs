@@ -135,7 +135,7 @@ async fn accept(
     })?;
     authenticate(&state.auth_tokens, headers)?;
     check_content_type(headers)?;
-    let (raw, _held) = tokio::time::timeout(state.body_timeout, read_body(state, body))
+    let (raw, held) = tokio::time::timeout(state.body_timeout, read_body(state, body))
         .await
         .map_err(|_| {
             IngestError::new(
@@ -146,10 +146,12 @@ async fn accept(
                 ),
             )
         })??;
-    let compressed = raw.len();
     let body = decode_body(headers, raw, state.max_body_bytes)?;
-    // What gunzip made counts against the same budget as what arrived.
-    let _inflated = match body.len().checked_sub(compressed) {
+    // What gunzip made counts against the same budget as what arrived: the permits already
+    // held for the compressed buffer (freed by now) count toward it, so a body is counted
+    // once, at the larger of its two sizes.
+    let held_bytes = held.as_ref().map_or(0, |p| p.num_permits());
+    let _inflated = match body.len().checked_sub(held_bytes) {
         Some(extra) if extra > 0 => Some(
             state
                 .body_budget

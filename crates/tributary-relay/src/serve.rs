@@ -70,16 +70,20 @@ pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .thread_name("tributary-relay")
         .build()?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        // The spool first: a bad path or a damaged file fails before the port is bound, and
+        // no health check passes while the spool is still being checked.
+        let listen = config.listen;
+        let relay = Relay::open(config, !no_forward).await?;
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                relay.close().await;
+                return Err(anyhow::anyhow!("cannot listen on {listen}: {e}"));
+            }
+        };
+        relay
+            .serve(listener, crate::signal::shutdown_signal())
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        run(
-            listener,
-            config,
-            !no_forward,
-            crate::signal::shutdown_signal(),
-        )
-        .await
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -90,11 +94,8 @@ struct OpsState {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
-/// Serves ingest (`POST /v1/events`, `/eu/v1/events`), `/healthz`, `/readyz` and `/metrics`
-/// on `listener`, with a forwarder beside it when `forward` is set, until `shutdown`
-/// resolves; then stops accepting, lets in-flight requests finish and forwards for up to
-/// `config.shutdown_grace`, closes the spool and returns. `config.listen` is not used: the
-/// caller binds (port 0 in tests).
+/// [`Relay::open`] then [`Relay::serve`]: serves on `listener` until `shutdown` resolves.
+/// `config.listen` is not used: the caller binds (port 0 in tests).
 ///
 /// Errors: the spool cannot be opened, or the upstream client cannot be built.
 pub async fn run(
@@ -103,150 +104,217 @@ pub async fn run(
     forward: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let no_forward = !forward;
-    let metrics = crate::telemetry::install_metrics()?;
-    let spool = spool_addr::open(&config.spool, &config, spool_addr::OpenMode::Create).await?;
-    let wake = Arc::new(Notify::new());
-    let appended = Arc::new(AtomicUsize::new(0));
-    let forwarder = Arc::new(crate::forwarding::forwarder(
-        &config,
-        spool.clone(),
-        wake.clone(),
-        appended.clone(),
-    )?);
+    Relay::open(config, forward)
+        .await?
+        .serve(listener, shutdown)
+        .await
+}
 
-    let ingest_state = Arc::new(IngestState {
-        spool: spool.clone(),
-        max_body_bytes: config.max_body_bytes,
-        max_batch_bytes: config.max_batch_bytes,
-        max_batch_events: config.max_batch_events,
-        auth_tokens: config.auth_tokens.clone(),
-        forwarder_wake: wake.clone(),
-        appended_bytes: appended.clone(),
-        body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
-        requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
-        body_timeout: config.body_timeout,
-        requests_max: config.max_concurrent_requests,
-    });
-    let ops = Arc::new(OpsState {
-        spool: spool.clone(),
-        ready: AtomicBool::new(true),
-        metrics,
-    });
+/// A relay whose spool is open and whose forwarder is built, not yet serving.
+pub struct Relay {
+    config: RelayConfig,
+    forward: bool,
+    spool: Arc<dyn Spool>,
+    forwarder: Arc<tributary_spool::forward::Forwarder>,
+    wake: Arc<Notify>,
+    appended: Arc<AtomicUsize>,
+}
 
-    let app = Router::new()
-        .route("/v1/events", post(ingest::post_us))
-        .route("/eu/v1/events", post(ingest::post_eu))
-        .with_state(ingest_state)
-        .merge(
-            Router::new()
-                .route("/healthz", get(healthz))
-                .route("/readyz", get(readyz))
-                .route("/metrics", get(metrics_page))
-                .with_state(ops.clone()),
+impl Relay {
+    /// Opens (or creates) the spool, checking it, and builds the forwarder (which runs
+    /// only when `forward` is set).
+    pub async fn open(config: RelayConfig, forward: bool) -> anyhow::Result<Relay> {
+        let spool = spool_addr::open(&config.spool, &config, spool_addr::OpenMode::Create).await?;
+        let wake = Arc::new(Notify::new());
+        let appended = Arc::new(AtomicUsize::new(0));
+        let forwarder = match crate::forwarding::forwarder(
+            &config,
+            spool.clone(),
+            wake.clone(),
+            appended.clone(),
+        ) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                let _ = spool.close().await;
+                return Err(e);
+            }
+        };
+        Ok(Relay {
+            config,
+            forward,
+            spool,
+            forwarder,
+            wake,
+            appended,
+        })
+    }
+
+    /// Closes the spool of a relay that will not serve.
+    pub async fn close(self) {
+        if let Err(e) = self.spool.close().await {
+            tracing::warn!(error = %e, "could not close the spool cleanly; it recovers on the next start");
+        }
+    }
+
+    /// Serves ingest (`POST /v1/events`, `/eu/v1/events`), `/healthz`, `/readyz` and
+    /// `/metrics` on `listener`, with the forwarder beside it, until `shutdown` resolves;
+    /// then stops accepting, lets in-flight requests finish and forwards for up to
+    /// `shutdown_grace`, closes the spool and returns.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Relay {
+            config,
+            forward,
+            spool,
+            forwarder,
+            wake,
+            appended,
+        } = self;
+        let no_forward = !forward;
+        let metrics = crate::telemetry::install_metrics();
+
+        let ingest_state = Arc::new(IngestState {
+            spool: spool.clone(),
+            max_body_bytes: config.max_body_bytes,
+            max_batch_bytes: config.max_batch_bytes,
+            max_batch_events: config.max_batch_events,
+            auth_tokens: config.auth_tokens.clone(),
+            forwarder_wake: wake.clone(),
+            appended_bytes: appended.clone(),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
+            requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+            body_timeout: config.body_timeout,
+            requests_max: config.max_concurrent_requests,
+        });
+        let ops = Arc::new(OpsState {
+            spool: spool.clone(),
+            ready: AtomicBool::new(true),
+            metrics,
+        });
+
+        let app = Router::new()
+            .route("/v1/events", post(ingest::post_us))
+            .route("/eu/v1/events", post(ingest::post_eu))
+            .with_state(ingest_state)
+            .merge(
+                Router::new()
+                    .route("/healthz", get(healthz))
+                    .route("/readyz", get(readyz))
+                    .route("/metrics", get(metrics_page))
+                    .with_state(ops.clone()),
+            );
+
+        let local = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = spool.close().await;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(
+            listen = %local,
+            spool = %config.spool,
+            upstream = %redact_url(&config.upstream),
+            eu_upstream = %redact_url(&config.eu_upstream),
+            forwarding = !no_forward,
+            "tributary relay ready"
         );
 
-    let local = listener.local_addr()?;
-    tracing::info!(
-        listen = %local,
-        spool = %config.spool,
-        upstream = %redact_url(&config.upstream),
-        eu_upstream = %redact_url(&config.eu_upstream),
-        forwarding = !no_forward,
-        "tributary relay ready"
-    );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let forward_task = if no_forward {
+            None
+        } else {
+            let f = forwarder.clone();
+            Some(tokio::spawn(async move { f.run(stop_rx).await }))
+        };
+        let maintenance = tokio::spawn(maintain(spool.clone(), stop_tx.subscribe()));
+        let gauges = tokio::spawn(crate::telemetry::spool_gauges(
+            spool.clone(),
+            stop_tx.subscribe(),
+        ));
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let forward_task = if no_forward {
-        None
-    } else {
-        let f = forwarder.clone();
-        Some(tokio::spawn(async move { f.run(stop_rx).await }))
-    };
-    let maintenance = tokio::spawn(maintain(spool.clone(), stop_tx.subscribe()));
-    let gauges = tokio::spawn(crate::telemetry::spool_gauges(
-        spool.clone(),
-        stop_tx.subscribe(),
-    ));
-
-    // `--shutdown-grace` is a hard deadline from the signal, whatever clients do: requests
-    // still unfinished when it passes (a slow upload, a client that never ends its body) are
-    // dropped unanswered, and the forwarder gets what is left of it.
-    let ops_for_signal = ops.clone();
-    let signalled = Arc::new(std::sync::OnceLock::<Instant>::new());
-    let signalled_at = signalled.clone();
-    let wake_deadline = Arc::new(Notify::new());
-    let wake = wake_deadline.clone();
-    let ceiling = crate::http_server::connection_ceiling();
-    let max_connections = match config.max_connections {
-        Some(n) if n > ceiling => {
-            tracing::warn!(
-                requested = n,
-                allowed = ceiling,
-                "--max-connections is above what the open-file limit leaves; using the lower figure"
-            );
-            ceiling
-        }
-        Some(n) => n,
-        None => ceiling.min(crate::config::DEFAULT_MAX_CONNECTIONS),
-    };
-    let limits = crate::http_server::ServerLimits {
-        max_connections,
-        header_timeout: config.header_timeout,
-        max_header_bytes: config.max_header_bytes,
-        h2_max_streams: config.h2_max_streams,
-    };
-    tracing::debug!(?limits, "server limits");
-    let server = crate::http_server::serve(listener, app, limits, async move {
-        shutdown.await;
-        ops_for_signal.ready.store(false, Ordering::Relaxed);
-        tracing::info!("shutting down: no new requests; finishing in-flight ones");
-        let _ = signalled_at.set(Instant::now());
-        wake.notify_one();
-    });
-    let grace = config.shutdown_grace;
-    tokio::select! {
-        () = server => {}
-        () = async {
-            wake_deadline.notified().await;
-            if let Some(at) = signalled.get() {
-                tokio::time::sleep_until((*at + grace).into()).await;
+        // `--shutdown-grace` is a hard deadline from the signal, whatever clients do: requests
+        // still unfinished when it passes (a slow upload, a client that never ends its body) are
+        // dropped unanswered, and the forwarder gets what is left of it.
+        let ops_for_signal = ops.clone();
+        let signalled = Arc::new(std::sync::OnceLock::<Instant>::new());
+        let signalled_at = signalled.clone();
+        let wake_deadline = Arc::new(Notify::new());
+        let wake = wake_deadline.clone();
+        let ceiling = crate::http_server::connection_ceiling();
+        let max_connections = match config.max_connections {
+            Some(n) if n > ceiling => {
+                tracing::warn!(
+                    requested = n,
+                    allowed = ceiling,
+                    "--max-connections is above what the open-file limit leaves; using the lower figure"
+                );
+                ceiling
             }
-        } => {
-            tracing::warn!("shutdown grace over with requests still unfinished; dropping them unanswered");
+            Some(n) => n,
+            None => ceiling.min(crate::config::DEFAULT_MAX_CONNECTIONS),
+        };
+        let limits = crate::http_server::ServerLimits {
+            max_connections,
+            header_timeout: config.header_timeout,
+            max_header_bytes: config.max_header_bytes,
+            h2_max_streams: config.h2_max_streams,
+        };
+        tracing::debug!(?limits, "server limits");
+        let server = crate::http_server::serve(listener, app, limits, async move {
+            shutdown.await;
+            ops_for_signal.ready.store(false, Ordering::Relaxed);
+            tracing::info!("shutting down: no new requests; finishing in-flight ones");
+            let _ = signalled_at.set(Instant::now());
+            wake.notify_one();
+        });
+        let grace = config.shutdown_grace;
+        tokio::select! {
+            () = server => {}
+            () = async {
+                wake_deadline.notified().await;
+                if let Some(at) = signalled.get() {
+                    tokio::time::sleep_until((*at + grace).into()).await;
+                }
+            } => {
+                tracing::warn!("shutdown grace over with requests still unfinished; dropping them unanswered");
+            }
         }
-    }
-    let deadline = signalled.get().map_or_else(Instant::now, |at| *at) + grace;
+        let deadline = signalled.get().map_or_else(Instant::now, |at| *at) + grace;
 
-    let _ = stop_tx.send(true);
-    if let Some(task) = forward_task {
-        let _ = task.await;
-    }
-    let _ = maintenance.await;
-    let _ = gauges.await;
-    if !no_forward {
-        let bound = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(2);
-        match tokio::time::timeout(bound, forwarder.drain(deadline)).await {
-            Ok(Ok(s)) => tracing::info!(
-                events = s.events_delivered,
-                payloads = s.payloads_delivered,
-                "forwarded during shutdown"
-            ),
-            Ok(Err(e)) => tracing::error!(error = %e, "spool error during shutdown drain"),
-            Err(_) => tracing::warn!("shutdown grace over; the rest stays spooled"),
+        let _ = stop_tx.send(true);
+        if let Some(task) = forward_task {
+            let _ = task.await;
         }
+        let _ = maintenance.await;
+        let _ = gauges.await;
+        if !no_forward {
+            let bound = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(2);
+            match tokio::time::timeout(bound, forwarder.drain(deadline)).await {
+                Ok(Ok(s)) => tracing::info!(
+                    events = s.events_delivered,
+                    payloads = s.payloads_delivered,
+                    "forwarded during shutdown"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "spool error during shutdown drain"),
+                Err(_) => tracing::warn!("shutdown grace over; the rest stays spooled"),
+            }
+        }
+        match spool.stats().await {
+            Ok(s) => tracing::info!(
+                pending = s.pending,
+                "relay stopped; payloads left in the spool"
+            ),
+            Err(e) => tracing::warn!(error = %e, "relay stopped; spool stats unavailable"),
+        }
+        if let Err(e) = spool.close().await {
+            tracing::warn!(error = %e, "could not close the spool cleanly; it recovers on the next start");
+        }
+        Ok(())
     }
-    match spool.stats().await {
-        Ok(s) => tracing::info!(
-            pending = s.pending,
-            "relay stopped; payloads left in the spool"
-        ),
-        Err(e) => tracing::warn!(error = %e, "relay stopped; spool stats unavailable"),
-    }
-    if let Err(e) = spool.close().await {
-        tracing::warn!(error = %e, "could not close the spool cleanly; it recovers on the next start");
-    }
-    Ok(())
 }
 
 /// Retention upkeep once a minute.

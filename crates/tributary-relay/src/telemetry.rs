@@ -36,20 +36,37 @@ use tributary_spool::Spool;
 /// for batch sizes and latencies rather than summaries, so they aggregate across relays.
 ///
 /// `metrics` has one global recorder per process: relays run in one process (tests, an
-/// embedding program) share it and its counters.
-pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+/// embedding program) share it and its counters. A program that installed a recorder of its
+/// own keeps it: the relay's metrics go there, and `/metrics` serves an empty page (logged).
+pub fn install_metrics() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    let _one_at_a_time = INSTALL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    let handle = PrometheusBuilder::new()
+    HANDLE
+        .get_or_init(|| {
+            let builder = match with_buckets(PrometheusBuilder::new()) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "histogram buckets refused; using the defaults");
+                    PrometheusBuilder::new()
+                }
+            };
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "a metrics recorder is already installed in this process; the relay's \
+                     metrics go to it and /metrics serves nothing"
+                );
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Buckets for the histograms, so they aggregate across relays.
+fn with_buckets(
+    builder: PrometheusBuilder,
+) -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    builder
         .set_buckets_for_metric(
             Matcher::Full("tributary_upstream_batch_events".into()),
             &[1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0],
@@ -63,9 +80,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             &[
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ],
-        )?
-        .install_recorder()?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+        )
 }
 
 /// Refreshes the spool gauges every few seconds until `stop`.

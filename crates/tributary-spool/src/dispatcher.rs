@@ -13,6 +13,8 @@
 //! the HTTP dispatcher: it never needs, and never blocks, the caller's runtime.
 //!
 //! ```no_run
+//! # #[cfg(feature = "sqs")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use tributary::BatchEventProcessor;
 //! use tributary_spool::{SpoolDispatcherBuilder, SqsConfig, SqsSpool};
 //!
@@ -21,7 +23,10 @@
 //!     .attempts(5)
 //!     .build_with(|| SqsSpool::from_env(SqsConfig::new("events")))?;
 //! let processor = BatchEventProcessor::builder().dispatcher(dispatcher).build()?;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "sqs"))]
+//! # fn main() {}
 //! ```
 
 use std::future::Future;

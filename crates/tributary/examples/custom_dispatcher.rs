@@ -3,7 +3,8 @@
 //! Run: `cargo run -p tributary --example custom_dispatcher [FILE]`
 //!
 //! A dispatcher is any `Send + Sync` type implementing [`EventDispatcher`]. The processor calls
-//! it from its dispatch thread, one request at a time, so it may block, but it must return
+//! it from its dispatch workers, up to `dispatch_concurrency` requests at once (default 32),
+//! so it must be safe to call from several threads; it may block, but it must return
 //! rather than hang, and it owns its retries: the processor never retries. Report what
 //! happened truthfully: `Ok` means every visitor was delivered; `Transient` and `Permanent`
 //! errors count the whole request as failed in the processor's statistics.

@@ -3,7 +3,8 @@
 //! Run: `cargo run -p tributary --example log_event_listener`
 //!
 //! Listeners are called once per request (not once per retry), before the dispatcher, on the
-//! processor's dispatch thread. They see the request, not its outcome. A listener that panics
+//! processor's dispatch workers (several requests may be in flight at once, so listeners may
+//! run at the same time). They see the request, not its outcome. A listener that panics
 //! is caught and logged; the processor and the other listeners carry on.
 
 use std::sync::Arc;

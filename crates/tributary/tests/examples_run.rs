@@ -4,7 +4,8 @@
 //! `127.0.0.1:<free port>` through `TRIBUTARY_ENDPOINT`. A test fails if an example exits
 //! non-zero, runs over its deadline (it is killed), or delivers fewer events than it made.
 //!
-//! `scripts/test.sh` builds the examples and runs this file as its own step.
+//! `cargo test` (as `scripts/test.sh` runs it) builds every example before any test runs;
+//! `cargo test --test examples_run` alone does not: build them first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -173,4 +174,18 @@ fn custom_dispatcher_appends_every_event() {
         })
         .sum();
     assert_eq!(visitors, 12);
+}
+
+#[test]
+fn async_dispatcher_delivers_everything_through_close_async() {
+    // The example exits non-zero unless its close report is complete.
+    let stdout = run_example("async_dispatcher", &[], &[]);
+    assert!(
+        stdout.contains("all 500 accepted events delivered"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("visitors sent: 500, refused: 0"),
+        "{stdout}"
+    );
 }

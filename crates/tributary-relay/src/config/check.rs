@@ -47,8 +47,18 @@ impl RelayConfig {
         if self.max_batch_bytes < 1024 {
             return invalid("max-batch-bytes", "must be at least 1024");
         }
-        if self.max_body_bytes < 1024 {
-            return invalid("max-body-bytes", "must be at least 1024");
+        // Body bytes are counted in semaphore permits, taken at most u32::MAX at a time.
+        if !(1024..=1 << 30).contains(&self.max_body_bytes) {
+            return invalid(
+                "max-body-bytes",
+                "must be between 1024 and 1073741824 (1 GiB)",
+            );
+        }
+        if self.max_buffered_bytes > u32::MAX as usize {
+            return invalid(
+                "max-buffered-bytes",
+                "must be at most 4294967295 (4 GiB less one byte)",
+            );
         }
         if self.max_batch_events == 0 {
             return invalid("max-batch-events", "must be at least 1");

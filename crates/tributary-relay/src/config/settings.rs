@@ -68,11 +68,22 @@ pub struct RelaySettings {
     pub listen: Option<SocketAddr>,
 
     /// Where `POST /v1/events` payloads go.
-    #[arg(long, env = "TRIBUTARY_UPSTREAM", value_name = "URL")]
+    // The value may hold a password: --help never shows it.
+    #[arg(
+        long,
+        env = "TRIBUTARY_UPSTREAM",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub upstream: Option<String>,
 
     /// Where `POST /eu/v1/events` payloads go.
-    #[arg(long, env = "TRIBUTARY_EU_UPSTREAM", value_name = "URL")]
+    #[arg(
+        long,
+        env = "TRIBUTARY_EU_UPSTREAM",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub eu_upstream: Option<String>,
 
     /// Spool: a directory for the embedded SQLite spool, or sqs://QUEUE (a name or a queue
@@ -205,8 +216,9 @@ pub struct RelaySettings {
     pub sqs_dead_letter_queue: Option<String>,
 
     /// SQS spool: dead-letter a message received more than this many times; 0 = never.
-    /// Each retry during an upstream outage is a receive: keep it above
-    /// retention / max-retry-delay.
+    /// Each retry during an upstream outage is a receive, as often as every
+    /// max-retry-delay / 2 (the delay is jittered): keep it above
+    /// 2 × retention / max-retry-delay.
     #[arg(long, env = "TRIBUTARY_SQS_MAX_RECEIVES", value_name = "N")]
     pub sqs_max_receives: Option<u32>,
 

@@ -60,8 +60,7 @@ struct ServeCli {
 
 impl InProcessRelay {
     /// Starts a relay with `serve` flags `args` (`--listen` is ignored: port 0 is bound).
-    /// Returns once the port is bound; requests made before the spool is open wait in the
-    /// listen backlog.
+    /// Returns once it serves `/healthz`.
     pub fn serve<S: AsRef<str>>(args: &[S]) -> InProcessRelay {
         let argv = std::iter::once("serve").chain(args.iter().map(AsRef::as_ref));
         let cli = <ServeCli as clap::Parser>::try_parse_from(argv).unwrap();
@@ -83,10 +82,29 @@ impl InProcessRelay {
                 tributary_relay::serve::run(listener, config, !no_forward, shutdown).await
             })
         });
-        InProcessRelay {
+        let mut relay = InProcessRelay {
             addr,
             stop: Some(stop),
             thread: Some(thread),
+        };
+        relay.until_serving();
+        relay
+    }
+
+    /// Waits until `/healthz` answers; a relay that failed to start panics the test with
+    /// its error instead of leaving requests to fail later.
+    fn until_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                let result = self.thread.take().map(std::thread::JoinHandle::join);
+                panic!("the relay stopped before serving: {result:?}");
+            }
+            if get(&self.url("/healthz")).0 == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the relay never served /healthz");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -379,6 +397,15 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A client that gives up after a minute, so a relay that stops answering fails the test
+/// instead of hanging it.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
 /// Posts `body` to `url` with `headers`; returns the status and the response body.
 pub fn post(url: &str, body: impl Into<Vec<u8>>, headers: &[(&str, &str)]) -> (u16, String) {
     let (status, _, text) = post_full(url, body, headers);
@@ -398,7 +425,7 @@ pub fn post_full(
         .unwrap();
     let body = body.into();
     runtime.block_on(async {
-        let mut req = reqwest::Client::new().post(url).body(body);
+        let mut req = client().post(url).body(body);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -459,7 +486,7 @@ pub fn get(url: &str) -> (u16, String) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        match reqwest::get(url).await {
+        match client().get(url).send().await {
             Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
             Err(e) => (0, e.to_string()),
         }

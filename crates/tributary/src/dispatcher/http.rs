@@ -288,6 +288,15 @@ impl HttpDispatcherBuilder {
         self
     }
 
+    /// The old name of [`HttpDispatcherBuilder::isolation_budget`].
+    #[deprecated(
+        since = "0.1.0",
+        note = "renamed isolation_budget, as the relay's setting"
+    )]
+    pub fn max_bisect_requests(self, n: usize) -> Self {
+        self.isolation_budget(n)
+    }
+
     /// Called, on the dispatching thread, with the visitors of a LogEvent that the
     /// destination refused (after bisection isolated them). A panic in it is caught.
     pub fn on_rejected(mut self, hook: impl Fn(&RejectedVisitors) + Send + Sync + 'static) -> Self {
