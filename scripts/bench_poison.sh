@@ -13,7 +13,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 events="${1:-40000}"
 cargo build --release -q -p tributary-relay
-bin="$root/target/release/tributary"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/tributary"
 work="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

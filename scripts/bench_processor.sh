@@ -10,7 +10,7 @@ events="${1:-1000000}"
 py_events=$(( events / 10 ))
 python="$(scripts/setup-python.sh)"
 cargo build --release -q -p tributary-relay
-bin="$root/target/release/tributary"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/tributary"
 printf '%-8s %6s %7s %9s %9s %9s %12s\n' impl batch threads p50_ns p99_ns p999_ns events/s
 for batch in 10 100; do
   for threads in 1 2; do

@@ -88,7 +88,7 @@ pub use processor::{
 };
 pub use raw::{MAX_PAYLOAD_BYTES, OversizedVisitor, RawBatch, RawBatchError};
 pub use retry::RetryPolicy;
-pub use user_event_factory::{EventBuildError, ImpressionRequest, UserEventFactory};
+pub use user_event_factory::{EventBuildError, ImpressionRequest, NO_ATTRIBUTES, UserEventFactory};
 
 /// The `client_name` this crate sends unless told otherwise.
 pub const CLIENT_NAME: &str = "tributary";

@@ -51,6 +51,17 @@ impl ProcessorStats {
         self.dropped_queue_full + self.dropped_stopped
     }
 
+    /// Requests handed to the dispatcher: the clearer name of [`ProcessorStats::batches`].
+    ///
+    /// ```
+    /// use tributary::ProcessorStats;
+    /// let s = ProcessorStats { batches: 3, ..Default::default() };
+    /// assert_eq!(s.requests(), 3);
+    /// ```
+    pub fn requests(&self) -> u64 {
+        self.batches
+    }
+
     /// Accepted events neither dispatched nor failed yet.
     pub fn pending(&self) -> u64 {
         self.accepted
