@@ -135,7 +135,7 @@ impl Relay {
         ) {
             Ok(f) => Arc::new(f),
             Err(e) => {
-                let _ = spool.close().await;
+                close_spool(&*spool).await;
                 return Err(e);
             }
         };
@@ -151,9 +151,7 @@ impl Relay {
 
     /// Closes the spool of a relay that will not serve.
     pub async fn close(self) {
-        if let Err(e) = self.spool.close().await {
-            tracing::warn!(error = %e, "could not close the spool cleanly; it recovers on the next start");
-        }
+        close_spool(&*self.spool).await;
     }
 
     /// Serves ingest (`POST /v1/events`, `/eu/v1/events`), `/healthz`, `/readyz` and
@@ -210,7 +208,7 @@ impl Relay {
         let local = match listener.local_addr() {
             Ok(a) => a,
             Err(e) => {
-                let _ = spool.close().await;
+                close_spool(&*spool).await;
                 return Err(e.into());
             }
         };
@@ -310,10 +308,16 @@ impl Relay {
             ),
             Err(e) => tracing::warn!(error = %e, "relay stopped; spool stats unavailable"),
         }
-        if let Err(e) = spool.close().await {
-            tracing::warn!(error = %e, "could not close the spool cleanly; it recovers on the next start");
-        }
+        close_spool(&*spool).await;
         Ok(())
+    }
+}
+
+/// Closes `spool`; a failure is logged, not returned: the relay is stopping either way, and
+/// the spool recovers on its next open.
+async fn close_spool(spool: &dyn Spool) {
+    if let Err(e) = spool.close().await {
+        tracing::warn!(error = %e, "could not close the spool cleanly; it recovers on the next start");
     }
 }
 

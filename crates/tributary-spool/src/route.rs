@@ -44,17 +44,12 @@ impl Route {
     }
 
     /// The region, if this version knows the route.
+    /// Read from the stored form, so that a hand-made `Unknown("eu")` is the EU route, as it
+    /// becomes on its way through storage.
     pub fn region(&self) -> Option<Region> {
         match self {
             Route::Region(r) => Some(*r),
-            Route::Unknown(s) => Route::from(&**s).region_known(),
-        }
-    }
-
-    fn region_known(&self) -> Option<Region> {
-        match self {
-            Route::Region(r) => Some(*r),
-            Route::Unknown(_) => None,
+            Route::Unknown(s) => stored_region(s),
         }
     }
 }
@@ -75,11 +70,16 @@ impl From<Region> for Route {
 /// nothing else, so anything else is a newer version's route.
 impl From<&str> for Route {
     fn from(s: &str) -> Self {
-        match s {
-            "us" => Route::US,
-            "eu" => Route::EU,
-            other => Route::Unknown(other.into()),
-        }
+        stored_region(s).map_or_else(|| Route::Unknown(s.into()), Route::Region)
+    }
+}
+
+/// The region a stored route names: only the exact forms the spool writes.
+fn stored_region(s: &str) -> Option<Region> {
+    match s {
+        "us" => Some(Region::Us),
+        "eu" => Some(Region::Eu),
+        _ => None,
     }
 }
 
