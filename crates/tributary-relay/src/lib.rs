@@ -40,4 +40,5 @@ pub mod ingest;
 pub mod serve;
 pub mod signal;
 pub mod spool_addr;
+pub mod status;
 pub mod telemetry;
