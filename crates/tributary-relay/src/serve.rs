@@ -173,6 +173,7 @@ impl Relay {
         } = self;
         let no_forward = !forward;
         let metrics = crate::telemetry::install_metrics();
+        crate::telemetry::record_limits(&config);
 
         let ingest_state = Arc::new(IngestState {
             spool: spool.clone(),
