@@ -133,6 +133,10 @@ fn the_page_renders_the_spools_numbers_and_its_retry_button_moves_a_dead_letter_
         "{before}"
     );
     assert_eq!(before["last-success"], "never");
+    assert!(
+        before["last-failure"].as_str().unwrap().ends_with(" ago"),
+        "{before}"
+    );
     assert_eq!(before["pending-events"], "5");
     assert_eq!(
         before["pending-events"],

@@ -21,7 +21,8 @@ import tempfile
 import time
 
 FIELDS = [
-    "accepting", "upstream-state", "last-success", "consecutive-failures", "last-error",
+    "accepting", "upstream-state", "last-success", "last-failure", "consecutive-failures",
+    "last-error",
     "pending-events", "pending-payloads", "pending-bytes", "leased", "oldest-age",
     "ingest-rate", "delivery-rate", "dead-letter-count", "action-result",
 ]
