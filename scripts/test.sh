@@ -38,6 +38,8 @@ cargo check -p tributary --no-default-features --locked
 for features in sqlite sqs forward; do
   cargo check -p tributary-spool --no-default-features --features "$features" --all-targets --locked
 done
+# The relay without `lambda` (its one optional feature) must build too.
+cargo check -p tributary-relay --no-default-features --all-targets --locked
 echo "== promtool: alert rules and their unit tests"
 promtool check rules deploy/prometheus/alerts.yml
 (cd deploy/prometheus && promtool test rules alerts.test.yml)

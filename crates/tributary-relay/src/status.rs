@@ -293,6 +293,8 @@ enum StatusError {
     BadRequest(String),
     #[error("spool: {0}")]
     Spool(#[from] tributary_spool::SpoolError),
+    #[error("cannot render the page: {0}")]
+    Render(String),
 }
 
 impl IntoResponse for StatusError {
@@ -302,6 +304,7 @@ impl IntoResponse for StatusError {
             StatusError::BadRequest(_) => StatusCode::BAD_REQUEST,
             StatusError::Spool(tributary_spool::SpoolError::Unknown(_)) => StatusCode::NOT_FOUND,
             StatusError::Spool(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StatusError::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut response = (
             status,
@@ -323,7 +326,7 @@ async fn page(State(state): State<Arc<StatusState>>) -> Result<Response, StatusE
     // The first render needs no request of its own; `<` escaped so the JSON cannot end the
     // script element.
     let initial = serde_json::to_string(&report)
-        .map_err(|e| StatusError::BadRequest(e.to_string()))?
+        .map_err(|e| StatusError::Render(e.to_string()))?
         .replace('<', "\\u003c");
     let html = PAGE.replacen("__INITIAL_STATUS__", &initial, 1);
     Ok((
