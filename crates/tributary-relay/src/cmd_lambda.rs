@@ -94,6 +94,17 @@ pub enum LambdaError {
          function's local disk does not outlive it"
     )]
     NotSqs(String),
+    /// A receive cut short at the deadline must end within the settle margin.
+    #[error(
+        "--sqs-wait-time ({wait:?}) must be shorter than --settle-margin ({margin:?}): a long \
+         poll in progress at the deadline must end, and its messages be released, in time"
+    )]
+    WaitTooLong {
+        /// `--sqs-wait-time`.
+        wait: Duration,
+        /// `--settle-margin`.
+        margin: Duration,
+    },
 }
 
 /// Variables the Lambda service sets, which `lambda_runtime` reads (it panics without them).
@@ -139,15 +150,23 @@ async fn scheduled(config: RelayConfig, margin: Duration) -> anyhow::Result<()> 
     if !config.spool.starts_with("sqs://") {
         return Err(LambdaError::NotSqs(config.spool.clone()).into());
     }
+    if config.sqs_wait_time >= margin {
+        return Err(LambdaError::WaitTooLong {
+            wait: config.sqs_wait_time,
+            margin,
+        }
+        .into());
+    }
     let spool = crate::spool_addr::open(
         &config.spool,
         &config,
         crate::spool_addr::OpenMode::Existing,
     )
     .await?;
+    let tracked = Arc::new(TrackedSpool::new(spool.clone()));
     let forwarder = Arc::new(crate::forwarding::forwarder(
         &config,
-        spool.clone(),
+        tracked.clone(),
         Arc::new(Notify::new()),
         Arc::new(AtomicUsize::new(0)),
     )?);
@@ -155,9 +174,17 @@ async fn scheduled(config: RelayConfig, margin: Duration) -> anyhow::Result<()> 
     let handler = service_fn(move |event: LambdaEvent<serde_json::Value>| {
         let forwarder = forwarder.clone();
         let spool = spool.clone();
+        let tracked = tracked.clone();
         async move {
             let stop = stop_before(event.context.deadline, margin);
+            tracked.take_acked();
             let summary = forwarder.drain(stop).await?;
+            // A receive cut short by the deadline may still have leased messages: wait for
+            // it, then release whatever no one settled.
+            let deadline = Instant::now()
+                + Duration::from_millis(event.context.deadline.saturating_sub(now_ms()));
+            let released_late = tracked.settle_leftovers(deadline).await?;
+            let acked = tracked.take_acked();
             let stats = spool.stats().await?;
             let stopped_early = Instant::now() >= stop;
             tracing::info!(
@@ -171,6 +198,8 @@ async fn scheduled(config: RelayConfig, margin: Duration) -> anyhow::Result<()> 
             );
             Ok::<_, lambda_runtime::Error>(serde_json::json!({
                 "summary": summary,
+                "payloads_acked": acked,
+                "leases_released_after_drain": released_late,
                 "spool": stats,
                 "stopped_at_deadline": stopped_early,
             }))
@@ -273,6 +302,152 @@ pub struct BatchItemFailure {
     pub item_identifier: String,
 }
 
+/// A spool that remembers every lease until it is settled, with receives that finish even
+/// when the forwarder abandons them at the deadline (their task runs on). After the drain,
+/// [`TrackedSpool::settle_leftovers`] releases what no one settled: the messages of a
+/// receive that completed after the forwarder stopped waiting, which the forwarder never
+/// saw and so could not release.
+struct TrackedSpool {
+    inner: Arc<dyn Spool>,
+    held: Arc<Mutex<std::collections::HashSet<Receipt>>>,
+    receiving: Arc<(AtomicUsize, Notify)>,
+    /// Payloads acked (deleted) since the last [`TrackedSpool::take_acked`]: unlike the
+    /// forwarder's summary, this counts the cycle the deadline cut short too.
+    acked: std::sync::atomic::AtomicU64,
+}
+
+impl TrackedSpool {
+    fn new(inner: Arc<dyn Spool>) -> TrackedSpool {
+        TrackedSpool {
+            inner,
+            held: Arc::default(),
+            receiving: Arc::new((AtomicUsize::new(0), Notify::new())),
+            acked: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn take_acked(&self) -> u64 {
+        self.acked.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn forget(&self, receipts: &[Receipt]) {
+        let mut held = lock(&self.held);
+        for r in receipts {
+            held.remove(r);
+        }
+    }
+
+    /// Waits (until `deadline`) for receives still running, then releases every lease not
+    /// settled.
+    async fn settle_leftovers(&self, deadline: Instant) -> Result<u64, SpoolError> {
+        let (count, done) = &*self.receiving;
+        let _ = tokio::time::timeout_at(deadline.into(), async {
+            loop {
+                let notified = done.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        let left: Vec<Receipt> = lock(&self.held).drain().collect();
+        if !left.is_empty() {
+            tracing::info!(
+                payloads = left.len(),
+                "releasing leases of a receive that ended at the deadline"
+            );
+            self.inner.release(&left, Duration::ZERO).await?;
+        }
+        Ok(left.len() as u64)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[async_trait]
+impl Spool for TrackedSpool {
+    async fn append(&self, payloads: Vec<Payload>) -> Result<(), SpoolError> {
+        self.inner.append(payloads).await
+    }
+
+    async fn lease(
+        &self,
+        max_payloads: usize,
+        max_bytes: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<Leased>, SpoolError> {
+        let inner = self.inner.clone();
+        let held = self.held.clone();
+        let receiving = self.receiving.clone();
+        receiving
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Spawned: dropping this future (the deadline) does not cut the receive short
+        // between SQS hiding the messages and their receipts being recorded.
+        let task = tokio::spawn(async move {
+            let result = inner.lease(max_payloads, max_bytes, lease_for).await;
+            if let Ok(leased) = &result {
+                lock(&held).extend(leased.iter().map(|l| l.receipt.clone()));
+            }
+            receiving
+                .0
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            receiving.1.notify_waiters();
+            result
+        });
+        task.await
+            .map_err(|e| SpoolError::Storage(format!("receive task failed: {e}")))?
+    }
+
+    async fn ack(&self, receipts: &[Receipt]) -> Result<(), SpoolError> {
+        self.inner.ack(receipts).await?;
+        self.acked
+            .fetch_add(receipts.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        self.forget(receipts);
+        Ok(())
+    }
+
+    async fn release(&self, receipts: &[Receipt], delay: Duration) -> Result<(), SpoolError> {
+        self.inner.release(receipts, delay).await?;
+        self.forget(receipts);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, receipts: &[Receipt], reason: &str) -> Result<(), SpoolError> {
+        self.inner.dead_letter(receipts, reason).await?;
+        self.forget(receipts);
+        Ok(())
+    }
+
+    async fn settle_parts(&self, parts: Vec<PartialSettlement>) -> Result<(), SpoolError> {
+        let receipts: Vec<Receipt> = parts.iter().map(|p| p.receipt.clone()).collect();
+        self.inner.settle_parts(parts).await?;
+        self.forget(&receipts);
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        self.inner.stats().await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+        self.inner.dead_letters(limit).await
+    }
+
+    async fn retry_dead_letters(&self, which: Selection) -> Result<u64, SpoolError> {
+        self.inner.retry_dead_letters(which).await
+    }
+
+    async fn purge_dead_letters(&self, which: Selection) -> Result<u64, SpoolError> {
+        self.inner.purge_dead_letters(which).await
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ItemState {
     Visible,
@@ -345,9 +520,7 @@ impl InvocationSpool {
     }
 
     fn items(&self) -> std::sync::MutexGuard<'_, Vec<Item>> {
-        self.items
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.items)
     }
 
     fn set(&self, receipts: &[Receipt], from: &[ItemState], to: ItemState) {

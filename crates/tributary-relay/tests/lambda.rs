@@ -4,6 +4,10 @@
 //! invocations get their events the way an event source mapping makes them (boto3 receives
 //! from moto, `tests/python/sqs_event.py`), and what the function reports delivered is
 //! deleted the way the mapping deletes it.
+//!
+//! The scheduled test's budget (4 s for 7 s of upstream work) is an input, not a measured
+//! time: any share of it delivered passes, as long as nothing is left in flight and the next
+//! invocation delivers the rest.
 
 #![allow(clippy::unwrap_used)]
 
@@ -326,15 +330,18 @@ fn scheduled_drain_stops_before_the_deadline_with_every_lease_settled_and_loses_
         inv.answered_at_ms.saturating_sub(inv.deadline_ms)
     );
     assert_eq!(answer["stopped_at_deadline"], true, "{answer}");
-    let delivered_first = answer["summary"]["payloads_delivered"].as_u64().unwrap();
+    // The summary counts the cycles that finished; `payloads_acked` also counts what the
+    // cycle cut short by the deadline had deleted.
+    let acked = answer["payloads_acked"].as_u64().unwrap();
+    let summarised = answer["summary"]["payloads_delivered"].as_u64().unwrap();
     assert!(
-        (1..20).contains(&delivered_first),
+        (1..20).contains(&acked) && summarised <= acked,
         "some but not all delivered: {answer}"
     );
     // Every lease settled: nothing in flight; what was not delivered is visible again now.
     let (visible, in_flight) = moto.queue_counts(queue);
     assert_eq!(in_flight, 0, "leases left in flight: {answer}");
-    assert_eq!(visible, 20 - delivered_first, "{answer}");
+    assert_eq!(visible, 20 - acked, "{answer}");
 
     // The next scheduled invocation, with time enough, delivers the rest: nothing lost.
     let inv = invoke(&api, &f, scheduled_event, Duration::from_secs(60));
@@ -351,4 +358,31 @@ fn outside_lambda_it_says_what_is_missing() {
     let (code, _, err) = support::run_cli(&["lambda", "--mode", "scheduled"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("AWS_LAMBDA_RUNTIME_API is not set"), "{err}");
+}
+
+#[test]
+fn a_long_poll_that_could_outlast_the_settle_margin_is_refused() {
+    let api = LambdaRuntimeApi::start();
+    let mut env = api.function_env();
+    env.extend(MotoServer::shared().aws_env());
+    let (code, _, err) = support::run_cli_with_env(
+        &[
+            "lambda",
+            "--mode",
+            "scheduled",
+            "--spool",
+            "sqs://anything",
+            "--sqs-wait-time",
+            "5s",
+            "--settle-margin",
+            "3s",
+        ],
+        &env,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--sqs-wait-time (5s) must be shorter than --settle-margin (3s)"),
+        "{err}"
+    );
+    assert_eq!(api.polls(), 0, "it must not start polling");
 }
