@@ -113,6 +113,15 @@ fn the_page_renders_the_spools_numbers_and_its_retry_button_moves_a_dead_letter_
     let stats = spool_stats(&spool);
     assert_eq!(stats["pending_events"], 5, "{stats}");
     assert_eq!(stats["dead_letters"], 3, "{stats}");
+    // Two history samples (one every 10 s) make the chart's lines.
+    assert!(
+        wait_until(Duration::from_secs(40), || {
+            status_json(&relay)["history"]
+                .as_array()
+                .is_some_and(|h| h.len() >= 2)
+        }),
+        "the history never got a second sample"
+    );
     let report = status_json(&relay);
     let id = report["dead_letters"][0]["id"].as_str().unwrap().to_owned();
 
