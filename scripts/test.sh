@@ -11,6 +11,19 @@ if [ ! -d "$root/../shared/fixtures" ]; then
   exit 2
 fi
 
+# Debian packages the tests drive: chromium (the status page in a real browser), prometheus
+# (promtool and a live server for the alert rules), systemd (systemd-analyze verify for the
+# unit). Installed only when missing.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
 TRIBUTARY_PYTHON="$(scripts/setup-python.sh)"
 export TRIBUTARY_PYTHON
 export PATH="$root/.venv/bin:$PATH"
@@ -25,6 +38,11 @@ cargo check -p tributary --no-default-features --locked
 for features in sqlite sqs forward; do
   cargo check -p tributary-spool --no-default-features --features "$features" --all-targets --locked
 done
+# The relay without `lambda` (its one optional feature) must build too.
+cargo check -p tributary-relay --no-default-features --all-targets --locked
+echo "== promtool: alert rules and their unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+(cd deploy/prometheus && promtool test rules alerts.test.yml)
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "== cargo test"

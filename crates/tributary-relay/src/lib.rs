@@ -31,6 +31,8 @@
 pub mod bench;
 pub mod cmd_drain;
 pub mod cmd_event;
+#[cfg(feature = "lambda")]
+pub mod cmd_lambda;
 pub mod cmd_spool;
 pub mod cmd_validate;
 pub mod config;
@@ -40,4 +42,5 @@ pub mod ingest;
 pub mod serve;
 pub mod signal;
 pub mod spool_addr;
+pub mod status;
 pub mod telemetry;

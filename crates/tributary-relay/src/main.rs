@@ -31,12 +31,15 @@ enum Command {
     /// Measure the processor or a relay.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run as an AWS Lambda custom runtime (also what a binary named `bootstrap` does).
+    #[cfg(feature = "lambda")]
+    Lambda(tributary_relay::cmd_lambda::LambdaArgs),
 }
 
 fn main() -> ExitCode {
     init_tracing();
     // `--help` shows each setting's default as `config` has it, not as typed in a doc.
-    let matches = config::document_defaults(Cli::command()).get_matches();
+    let matches = config::document_defaults(Cli::command()).get_matches_from(arguments());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Serve(args) => serve::main(args),
@@ -45,6 +48,8 @@ fn main() -> ExitCode {
         Command::Event(cmd) => cmd_event::run(cmd),
         Command::Validate(args) => cmd_validate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        #[cfg(feature = "lambda")]
+        Command::Lambda(args) => tributary_relay::cmd_lambda::run(args),
     };
     match result {
         Ok(code) => code,
@@ -53,6 +58,19 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The command line; a binary named `bootstrap` started without arguments (how Lambda starts
+/// a custom runtime) runs `lambda`, configured by its environment.
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let bootstrap = args.first().is_some_and(|a| {
+        std::path::Path::new(a).file_name() == Some(std::ffi::OsStr::new("bootstrap"))
+    });
+    if cfg!(feature = "lambda") && bootstrap && args.len() == 1 {
+        args.push("lambda".into());
+    }
+    args
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`). `TRIBUTARY_LOG_FORMAT=json` for

@@ -154,8 +154,8 @@ impl Relay {
         close_spool(&*self.spool).await;
     }
 
-    /// Serves ingest (`POST /v1/events`, `/eu/v1/events`), `/healthz`, `/readyz` and
-    /// `/metrics` on `listener`, with the forwarder beside it, until `shutdown` resolves;
+    /// Serves ingest (`POST /v1/events`, `/eu/v1/events`), `/healthz`, `/readyz`,
+    /// `/metrics` and the status page ([`crate::status`]) on `listener`, with the forwarder beside it, until `shutdown` resolves;
     /// then stops accepting, lets in-flight requests finish and forwards for up to
     /// `shutdown_grace`, closes the spool and returns.
     pub async fn serve(
@@ -173,6 +173,7 @@ impl Relay {
         } = self;
         let no_forward = !forward;
         let metrics = crate::telemetry::install_metrics();
+        crate::telemetry::record_limits(&config);
 
         let ingest_state = Arc::new(IngestState {
             spool: spool.clone(),
@@ -204,6 +205,13 @@ impl Relay {
                     .route("/metrics", get(metrics_page))
                     .with_state(ops.clone()),
             );
+        let status = crate::status::StatusState::new(
+            spool.clone(),
+            forwarder.clone(),
+            forward,
+            config.auth_tokens.clone(),
+        );
+        let app = app.merge(crate::status::router(status.clone()));
 
         let local = match listener.local_addr() {
             Ok(a) => a,
@@ -233,6 +241,7 @@ impl Relay {
             spool.clone(),
             stop_tx.subscribe(),
         ));
+        let history = tokio::spawn(crate::status::keep_history(status, stop_tx.subscribe()));
 
         // `--shutdown-grace` is a hard deadline from the signal, whatever clients do: requests
         // still unfinished when it passes (a slow upload, a client that never ends its body) are
@@ -289,6 +298,7 @@ impl Relay {
         }
         let _ = maintenance.await;
         let _ = gauges.await;
+        let _ = history.await;
         if !no_forward {
             let bound = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(2);
             match tokio::time::timeout(bound, forwarder.drain(deadline)).await {

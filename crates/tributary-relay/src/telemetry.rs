@@ -24,6 +24,9 @@
 //! | `forwarded_events_total` | counter | visitors delivered upstream |
 //! | `upstream_batch_events`, `upstream_batch_bytes` | histogram | merged batch sizes |
 //! | `upstream_latency_seconds` | histogram | one upstream send, its in-request retries included |
+//! | `upstream_consecutive_failures` | gauge | transient upstream failures in a row (no answer, timeout, 5xx, 408, 429); 0 once it answers |
+//! | `upstream_last_success_timestamp_seconds` | gauge | Unix time of the last 2xx from the upstream (absent until one) |
+//! | `spool_max_bytes` | gauge | the SQLite spool's size limit (`--spool-max-bytes`), for "near full" alerts |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +84,11 @@ fn with_buckets(
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ],
         )
+}
+
+/// Exports the configured limits alerts compare against.
+pub fn record_limits(config: &crate::config::RelayConfig) {
+    metrics::gauge!("tributary_spool_max_bytes").set(config.spool_max_bytes as f64);
 }
 
 /// Refreshes the spool gauges every few seconds until `stop`.

@@ -21,11 +21,13 @@
 //! (`visitors[].snapshots[].events[].uuid`) so end-to-end tests can check "every event
 //! exactly once" without caring how events were batched.
 
+pub mod lambda;
 pub mod moto;
 mod payload;
 mod script;
 mod upstream;
 
+pub use lambda::{Invocation, LambdaRuntimeApi};
 pub use moto::{MOTO_ACCOUNT, MOTO_REGION, MotoServer, find_moto_server};
 pub use payload::{delivered_uuids, event_uuids, visitor_ids};
 pub use script::{Reply, Script};

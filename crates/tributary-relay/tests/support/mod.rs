@@ -217,6 +217,19 @@ impl RelayProcess {
         Self::spawn_command(command)
     }
 
+    /// Starts `program` (the binary under another name, say) with `args`, capturing its log.
+    pub fn spawn_program_with_env(
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> RelayProcess {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        Self::spawn_command(command)
+    }
+
     /// Runs `command` with the log captured.
     fn spawn_command(mut command: Command) -> RelayProcess {
         let mut child = command

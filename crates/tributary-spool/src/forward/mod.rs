@@ -49,7 +49,7 @@ use deliver::Delivery;
 use pack::pack;
 use suspects::SUSPECTS_CAPACITY;
 pub use suspects::Suspects;
-pub use upstream::{UpstreamConfig, Upstreams};
+pub use upstream::{UpstreamConfig, UpstreamHealth, Upstreams};
 
 /// Forwarder limits.
 #[derive(Debug, Clone)]
@@ -181,6 +181,11 @@ impl Forwarder {
             in_flight: Arc::default(),
             suspects: Arc::new(Suspects::new(SUSPECTS_CAPACITY)),
         }
+    }
+
+    /// How the upstreams have been answering (for a status page).
+    pub fn upstream_health(&self) -> UpstreamHealth {
+        self.upstreams.health()
     }
 
     /// Forwards until `stop` turns true, then returns. Cycles run back to back while there is

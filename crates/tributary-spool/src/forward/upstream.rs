@@ -1,5 +1,6 @@
 //! The upstreams a forwarder sends to, one per region, over one pooled HTTP client.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,6 +41,53 @@ pub struct Upstreams {
     us: String,
     eu: String,
     transport: HttpTransport,
+    health: Mutex<UpstreamHealth>,
+}
+
+/// How the upstreams have been answering, for a status page: kept in memory, reset on start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UpstreamHealth {
+    /// When a send last succeeded (2xx), in milliseconds since the Unix epoch.
+    pub last_success_ms: Option<u64>,
+    /// When a send last failed transiently (no answer, timeout, 5xx, 408, 429), in
+    /// milliseconds since the Unix epoch.
+    pub last_failure_ms: Option<u64>,
+    /// Transient failures in a row since the upstream last answered (2xx, or a refusal of
+    /// some visitors: a 4xx means it is up).
+    pub consecutive_failures: u64,
+    /// The last failure's message (status or I/O error; no payload content), at most
+    /// [`UpstreamHealth::MAX_ERROR_CHARS`] characters.
+    pub last_error: Option<String>,
+}
+
+impl UpstreamHealth {
+    /// Longest `last_error` kept.
+    pub const MAX_ERROR_CHARS: usize = 300;
+
+    fn record(&mut self, result: &Result<(), DispatchError>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match result {
+            Ok(()) => {
+                self.last_success_ms = Some(now);
+                self.consecutive_failures = 0;
+            }
+            Err(e @ (DispatchError::Transient { .. } | DispatchError::Unavailable(_))) => {
+                self.last_failure_ms = Some(now);
+                self.consecutive_failures += 1;
+                self.last_error = Some(e.to_string().chars().take(Self::MAX_ERROR_CHARS).collect());
+            }
+            // A refusal is an answer: the upstream is up, the payload is the problem.
+            Err(_) => self.consecutive_failures = 0,
+        }
+        metrics::gauge!("tributary_upstream_consecutive_failures")
+            .set(self.consecutive_failures as f64);
+        if let Some(t) = self.last_success_ms {
+            metrics::gauge!("tributary_upstream_last_success_timestamp_seconds")
+                .set(t as f64 / 1000.0);
+        }
+    }
 }
 
 impl Upstreams {
@@ -63,6 +111,7 @@ impl Upstreams {
             us: config.us.clone(),
             eu: config.eu.clone(),
             transport: HttpTransport::new(&http)?,
+            health: Mutex::default(),
         })
     }
 
@@ -84,6 +133,18 @@ impl Upstreams {
         let result = self.transport.send(url, body).await;
         metrics::histogram!("tributary_upstream_latency_seconds")
             .record(started.elapsed().as_secs_f64());
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(&result);
         result
+    }
+
+    /// How the upstreams have been answering since this client was built.
+    pub fn health(&self) -> UpstreamHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
