@@ -13,8 +13,10 @@
 
 mod convert;
 mod dispatch;
+mod dispatchers;
 mod options;
 mod processor;
+mod spool;
 
 use pyo3::prelude::*;
 
@@ -23,5 +25,8 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<processor::BatchEventProcessor>()?;
+    m.add_class::<dispatchers::RelayEventDispatcher>()?;
+    m.add_class::<dispatchers::SpoolEventDispatcher>()?;
+    m.add_class::<dispatchers::SqsEventDispatcher>()?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use tributary::{HttpDispatcher, ProcessError, RetryPolicy, UserEvent};
 use crate::convert::{Converter, Sdk, type_name};
 use crate::dispatch::{DispatchCounters, SdkDispatcher, Target};
 use crate::options::{self, int_option, seconds_option, str_option};
+use crate::spool::{self, InProcessForwarder, SpoolSetting};
 
 /// Most events converted under one hold of the GIL.
 pub(crate) const CONVERT_RUN: usize = 512;
@@ -68,6 +69,7 @@ struct Epoch {
 
 struct Running {
     rust: Arc<tributary::BatchEventProcessor>,
+    forwarder: Option<InProcessForwarder>,
     converter: JoinHandle<()>,
     done: Receiver<()>,
 }
@@ -97,6 +99,7 @@ struct Settings {
     auth_token: Option<String>,
     retry_attempts: u32,
     request_timeout: Duration,
+    spool: Option<SpoolSetting>,
 }
 
 /// A drop-in for `optimizely.event.event_processor.BatchEventProcessor`, backed by
@@ -134,7 +137,7 @@ impl BatchEventProcessor {
         event_dispatcher=None, logger=None, start_on_init=false, event_queue=None,
         batch_size=None, flush_interval=None, timeout_interval=None, notification_center=None,
         *, queue_capacity=None, endpoint=None, gzip=false, auth_token=None,
-        retry_attempts=None, request_timeout=None,
+        retry_attempts=None, request_timeout=None, spool=None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -153,6 +156,7 @@ impl BatchEventProcessor {
         auth_token: Option<Bound<'_, PyAny>>,
         retry_attempts: Option<Bound<'_, PyAny>>,
         request_timeout: Option<Bound<'_, PyAny>>,
+        spool: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         if event_queue.as_ref().is_some_and(|q| !q.is_none()) {
             return Err(PyValueError::new_err(
@@ -173,6 +177,18 @@ impl BatchEventProcessor {
         if let Some(url) = &endpoint {
             tributary::dispatcher::transport::check_endpoint(url)
                 .map_err(|e| PyValueError::new_err(format!("endpoint: {e}")))?;
+        }
+        let spool = match str_option("spool", spool.as_ref())? {
+            None => None,
+            Some(s) => Some(
+                SpoolSetting::parse(&s)
+                    .map_err(|e| PyValueError::new_err(format!("spool={s:?}: {e}")))?,
+            ),
+        };
+        if spool.is_some() && event_dispatcher.is_some() {
+            return Err(PyValueError::new_err(
+                "spool and event_dispatcher exclude each other: with a spool, Tributary writes each batch to it",
+            ));
         }
         let settings = Settings {
             batch_size: int_option(
@@ -217,6 +233,7 @@ impl BatchEventProcessor {
                 Duration::from_secs(10),
                 true,
             )?,
+            spool,
         };
         let sdk = Arc::new(Sdk::load(py)?);
         let logger = match logger.filter(|l| !l.is_none()) {
@@ -325,6 +342,10 @@ impl BatchEventProcessor {
             if converted {
                 let _ = running.converter.join();
             }
+            if let Some(f) = running.forwarder {
+                // What is spooled and not forwarded by the deadline stays in the spool.
+                f.stop(deadline);
+            }
             (report, converted)
         });
         let (report, converted) = report;
@@ -344,6 +365,11 @@ impl BatchEventProcessor {
                 &format!("BatchEventProcessor stop(): {report}"),
             );
         }
+    }
+
+    /// Events queued and not yet taken by the converter thread (like `queue.Queue.qsize()`).
+    fn qsize(&self) -> usize {
+        lock(&self.epoch).tx.len()
     }
 
     /// Whether the processor's threads are running.
@@ -441,9 +467,23 @@ impl BatchEventProcessor {
             ));
         };
         let s = &self.settings;
-        let target = match &self.event_dispatcher {
-            Some(d) => Target::Python(d.clone_ref(py)),
-            None => {
+        let mut forwarder = None;
+        let target = match (&self.event_dispatcher, &s.spool) {
+            (Some(d), _) => Target::Python(d.clone_ref(py)),
+            (None, Some(setting)) => {
+                // With the GIL held: the epoch lock is held here, and a thread waiting for
+                // it with the GIL would deadlock a release.
+                let (d, f) = spool::open(
+                    setting,
+                    s.endpoint.as_deref(),
+                    s.request_timeout,
+                    s.retry_attempts,
+                )
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+                forwarder = f;
+                Target::Rust(d)
+            }
+            (None, None) => {
                 let mut b = HttpDispatcher::builder()
                     .gzip(s.gzip)
                     .request_timeout(s.request_timeout)
@@ -502,6 +542,7 @@ impl BatchEventProcessor {
             })?;
         epoch.running = Some(Running {
             rust,
+            forwarder,
             converter: thread,
             done,
         });

@@ -11,9 +11,21 @@ See docs/python.md for every option.
 """
 
 from . import _sdk
-from ._native import _BatchEventProcessor, __version__
+from ._native import (
+    RelayEventDispatcher,
+    SpoolEventDispatcher,
+    SqsEventDispatcher,
+    _BatchEventProcessor,
+    __version__,
+)
 
-__all__ = ["BatchEventProcessor", "__version__"]
+__all__ = [
+    "BatchEventProcessor",
+    "RelayEventDispatcher",
+    "SpoolEventDispatcher",
+    "SqsEventDispatcher",
+    "__version__",
+]
 
 
 class BatchEventProcessor(_BatchEventProcessor):
@@ -27,7 +39,9 @@ class BatchEventProcessor(_BatchEventProcessor):
     Keyword-only options: ``queue_capacity`` (events queued, default 10,000),
     ``endpoint`` (URL to POST to when there is no ``event_dispatcher``), ``gzip``,
     ``auth_token`` (sent as ``Authorization: Bearer ...``), ``retry_attempts`` (attempts
-    per request, default 5), ``request_timeout`` (seconds per attempt, default 10).
+    per request, default 5), ``request_timeout`` (seconds per attempt, default 10),
+    ``spool`` (a directory: a local SQLite spool forwarded in-process; or
+    ``"sqs://QUEUE"``: batches written to SQS for ``tributary drain``).
 
     The processor is stopped at interpreter exit, and after ``os.fork()`` the child gets a
     fresh one of its own (the parent's queued events are sent by the parent only).
