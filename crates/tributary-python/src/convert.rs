@@ -287,7 +287,7 @@ pub(crate) fn type_name(v: &Bound<'_, PyAny>) -> String {
         .map(|n| n.to_string())
         .unwrap_or_else(|_| "?".into());
     match t.module() {
-        Ok(m) if m.to_string() != "builtins" => format!("{m}.{name}"),
+        Ok(m) if m != "builtins" => format!("{m}.{name}"),
         _ => name,
     }
 }

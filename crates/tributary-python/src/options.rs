@@ -74,7 +74,7 @@ pub(crate) fn seconds_option(
     }
     let s: f64 = v.extract().map_err(|_| bad())?;
     let low_ok = if open_low { s > 0.0 } else { s >= 0.0 };
-    if !(low_ok && s <= MAX_INTERVAL_S) || !s.is_finite() {
+    if !(low_ok && s <= MAX_INTERVAL_S && s.is_finite()) {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(s))

@@ -264,9 +264,11 @@ impl BatchEventProcessor {
     /// once. Anything else raises `TypeError`.
     fn process(&self, py: Python<'_>, user_event: &Bound<'_, PyAny>) -> PyResult<()> {
         let t = user_event.get_type();
-        if !(t.is(&self.sdk.impression) || t.is(&self.sdk.conversion))
-            && !(user_event.is_instance(self.sdk.impression.bind(py))?
-                || user_event.is_instance(self.sdk.conversion.bind(py))?)
+        // Exact type first (a pointer comparison); subclasses through isinstance.
+        if !(t.is(&self.sdk.impression)
+            || t.is(&self.sdk.conversion)
+            || user_event.is_instance(self.sdk.impression.bind(py))?
+            || user_event.is_instance(self.sdk.conversion.bind(py))?)
         {
             return Err(PyTypeError::new_err(format!(
                 "process() takes an optimizely ImpressionEvent or ConversionEvent, not {}",
@@ -552,7 +554,7 @@ impl BatchEventProcessor {
 }
 
 enum Item {
-    Event(UserEvent),
+    Event(Box<UserEvent>),
     Flush,
     Stop,
 }
@@ -580,7 +582,7 @@ fn convert_loop(
             for m in run.drain(..) {
                 match m {
                     Msg::Event(obj) => match converter.convert(obj.bind(py)) {
-                        Ok(e) => items.push(Item::Event(e)),
+                        Ok(e) => items.push(Item::Event(Box::new(e))),
                         Err(e) => {
                             counters.invalid.fetch_add(1, Ordering::Relaxed);
                             let _ = logger.bind(py).call_method1(
@@ -596,7 +598,7 @@ fn convert_loop(
         });
         for item in items.drain(..) {
             match item {
-                Item::Event(e) => match rust.process_timeout(e, FEED_TIMEOUT) {
+                Item::Event(e) => match rust.process_timeout(*e, FEED_TIMEOUT) {
                     Ok(()) => {}
                     Err(ProcessError::QueueFull) => {
                         tracing::error!("batcher queue full for {FEED_TIMEOUT:?}: event dropped");

@@ -118,10 +118,10 @@ pub(crate) fn open(
                     runtime.block_on(async move {
                         forwarder.run(stop_rx).await;
                         let deadline = *until.lock().unwrap_or_else(PoisonError::into_inner);
-                        if let Some(deadline) = deadline {
-                            if let Err(e) = forwarder.drain(deadline).await {
-                                tracing::warn!("spool drain at stop: {e}");
-                            }
+                        if let Some(deadline) = deadline
+                            && let Err(e) = forwarder.drain(deadline).await
+                        {
+                            tracing::warn!("spool drain at stop: {e}");
                         }
                     });
                 })
