@@ -65,6 +65,8 @@ struct Epoch {
     counters: Arc<Counters>,
     dispatch_counters: Arc<DispatchCounters>,
     running: Option<Running>,
+    /// The stopped processor, for `stats()` after `stop()`.
+    finished: Option<Arc<tributary::BatchEventProcessor>>,
 }
 
 struct Running {
@@ -84,6 +86,7 @@ impl Epoch {
             counters: Arc::default(),
             dispatch_counters: Arc::default(),
             running: None,
+            finished: None,
         }
     }
 }
@@ -119,6 +122,7 @@ pub(crate) struct BatchEventProcessor {
     settings: Settings,
     sdk: Arc<Sdk>,
     logger: Py<PyAny>,
+    sdk_logger: Py<PyAny>,
     event_dispatcher: Option<Py<PyAny>>,
     notification_center: Option<Py<PyAny>>,
     // Locked only while the GIL is held and never across a release of it, so no other
@@ -236,18 +240,24 @@ impl BatchEventProcessor {
             spool,
         };
         let sdk = Arc::new(Sdk::load(py)?);
-        let logger = match logger.filter(|l| !l.is_none()) {
+        let helpers = py.import("tributary_events._sdk")?;
+        let given = logger.filter(|l| !l.is_none());
+        // The SDK's own helpers (tag parsing) log to the user's logger, or nowhere, as in
+        // the SDK; this processor's warnings go to `tributary_events` when none is given.
+        let sdk_logger = match &given {
+            Some(l) => l.clone().unbind(),
+            None => helpers.call_method0("no_op_logger")?.unbind(),
+        };
+        let logger = match given {
             Some(l) => l.unbind(),
-            None => py
-                .import("tributary_events._sdk")?
-                .call_method0("default_logger")?
-                .unbind(),
+            None => helpers.call_method0("default_logger")?.unbind(),
         };
         let processor = BatchEventProcessor {
             epoch: Mutex::new(Epoch::new(settings.queue_capacity)),
             settings,
             sdk,
             logger,
+            sdk_logger,
             event_dispatcher: event_dispatcher.map(Bound::unbind),
             notification_center: notification_center
                 .filter(|n| !n.is_none())
@@ -335,6 +345,7 @@ impl BatchEventProcessor {
         };
         let Some(running) = running else { return };
         let timeout = self.settings.timeout_interval;
+        let rust = running.rust.clone();
         let report = py.detach(move || {
             let deadline = Instant::now() + timeout;
             // Every event queued before this is converted and handed to the batcher first.
@@ -351,6 +362,12 @@ impl BatchEventProcessor {
             (report, converted)
         });
         let (report, converted) = report;
+        {
+            let mut epoch = lock(&self.epoch);
+            if epoch.phase == Phase::Stopped {
+                epoch.finished = Some(rust);
+            }
+        }
         if !converted {
             self.log(py, "warning", &format!("BatchEventProcessor stop(): queued events were still being converted at the {timeout:?} timeout"));
         }
@@ -401,7 +418,9 @@ impl BatchEventProcessor {
         let rust = epoch
             .running
             .as_ref()
-            .map(|r| r.rust.stats())
+            .map(|r| &r.rust)
+            .or(epoch.finished.as_ref())
+            .map(|r| r.stats())
             .unwrap_or_default();
         d.set_item("dispatched", rust.events_dispatched)?;
         d.set_item("failed", rust.events_failed)?;
@@ -529,7 +548,7 @@ impl BatchEventProcessor {
             .map_err(|e| PyRuntimeError::new_err(format!("BatchEventProcessor: {e}")))?;
         let rust = Arc::new(rust);
         let (done_tx, done) = bounded(1);
-        let mut converter = Converter::new(self.sdk.clone(), self.logger.clone_ref(py));
+        let mut converter = Converter::new(self.sdk.clone(), self.sdk_logger.clone_ref(py));
         let feed = rust.clone();
         let counters = epoch.counters.clone();
         let logger = self.logger.clone_ref(py);

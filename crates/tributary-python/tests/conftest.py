@@ -98,7 +98,7 @@ class RecordingServer:
                     raw = gzip.decompress(raw)
                 with cond:
                     outer.bodies.append(json.loads(raw))
-                    outer.headers.append(dict(self.headers))
+                    outer.headers.append({k.lower(): v for k, v in self.headers.items()})
                     cond.notify_all()
                 self.send_response(outer.status)
                 self.send_header("Content-Length", "0")

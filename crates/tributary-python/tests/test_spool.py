@@ -128,6 +128,7 @@ def moto():
     env = {
         "AWS_ENDPOINT_URL": url,
         "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_EC2_METADATA_DISABLED": "true",
@@ -200,7 +201,7 @@ def test_relay_event_dispatcher_posts_to_the_relay_routes(configs, fixture_calls
         sp.process(e)
     sp.stop()
     assert sorted(uuids(server.visitors())) == sorted(e.uuid for e in events)
-    assert all(h["Authorization"] == "Bearer t0k" for h in server.headers)
+    assert all(h["authorization"] == "Bearer t0k" for h in server.headers)
 
 
 def test_relay_event_dispatcher_raises_when_the_relay_refuses(configs, fixture_calls):

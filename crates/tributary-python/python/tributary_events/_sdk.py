@@ -11,6 +11,7 @@ import os
 import weakref
 
 from optimizely import entities
+from optimizely import logger as sdk_logger
 from optimizely.event import log_event as _log_event
 from optimizely.event import user_event as _user_event
 from optimizely.helpers import enums, event_tag_utils
@@ -48,6 +49,10 @@ def make_log_event(url, body):
 
 def default_logger():
     return logging.getLogger("tributary_events")
+
+
+def no_op_logger():
+    return sdk_logger.NoOpLogger()
 
 
 def register_lifecycle(processor):
