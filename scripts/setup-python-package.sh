@@ -12,6 +12,8 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 python="$(scripts/setup-python.sh)"
+# The build backend (maturin) runs from the venv.
+export PATH="$root/.venv/bin:$PATH"
 profile="${TRIBUTARY_WHEEL_PROFILE:-release}"
 case "$profile" in release|dev) ;; *) echo "TRIBUTARY_WHEEL_PROFILE must be release or dev" >&2; exit 2;; esac
 stamp="$root/.venv/.tributary-events.sha256"

@@ -48,18 +48,24 @@ pub(crate) struct InProcessForwarder {
     stop: watch::Sender<bool>,
     drain_until: Arc<Mutex<Option<Instant>>>,
     thread: Option<JoinHandle<()>>,
+    done: std::sync::mpsc::Receiver<()>,
 }
 
 impl InProcessForwarder {
     /// Signals the forwarder to stop after draining what it can until `deadline`, and waits
-    /// for it (the caller holds no GIL).
+    /// for it until then (the caller holds no GIL). A cycle still sending at the deadline is
+    /// left to finish on its thread: what it leased is settled, or its leases run out and
+    /// the payloads stay in the spool.
     pub(crate) fn stop(mut self, deadline: Instant) {
         *self
             .drain_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(deadline);
         let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
+        let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100);
+        if self.done.recv_timeout(wait).is_ok()
+            && let Some(t) = self.thread.take()
+        {
             let _ = t.join();
         }
     }
@@ -112,11 +118,12 @@ pub(crate) fn open(
                 .enable_all()
                 .build()
                 .map_err(|e| err(e.to_string()))?;
+            let (done_tx, done) = std::sync::mpsc::channel();
             let thread = std::thread::Builder::new()
                 .name("tributary-py-forward".into())
                 .spawn(move || {
                     runtime.block_on(async move {
-                        forwarder.run(stop_rx).await;
+                        forward_until_stopped(&forwarder, stop_rx).await;
                         let deadline = *until.lock().unwrap_or_else(PoisonError::into_inner);
                         if let Some(deadline) = deadline
                             && let Err(e) = forwarder.drain(deadline).await
@@ -124,6 +131,7 @@ pub(crate) fn open(
                             tracing::warn!("spool drain at stop: {e}");
                         }
                     });
+                    let _ = done_tx.send(());
                 })
                 .map_err(|e| err(e.to_string()))?;
             Ok((
@@ -132,8 +140,31 @@ pub(crate) fn open(
                     stop,
                     drain_until,
                     thread: Some(thread),
+                    done,
                 }),
             ))
+        }
+    }
+}
+
+/// Forwarding cycles until `stop` turns true. Unlike `Forwarder::run`, a cycle is never cut
+/// short by the stop (which would release payloads whose requests were already sent, and
+/// send them again in the drain that follows): the stop is looked at between cycles.
+async fn forward_until_stopped(forwarder: &Forwarder, mut stop: watch::Receiver<bool>) {
+    let idle = ForwarderConfig::default().flush_interval;
+    while !*stop.borrow() {
+        let more = match forwarder.cycle().await {
+            Ok((_, more)) => more,
+            Err(e) => {
+                tracing::warn!("spool forwarding cycle failed: {e}");
+                false
+            }
+        };
+        if !more {
+            tokio::select! {
+                _ = tokio::time::sleep(idle) => {}
+                _ = stop.changed() => {}
+            }
         }
     }
 }
