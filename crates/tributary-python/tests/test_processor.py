@@ -282,3 +282,32 @@ def test_events_queued_before_start_are_sent_after_it(configs, fixture_calls, re
 def test_module_exports():
     assert tributary_events.__version__
     assert BatchEventProcessor.__doc__ and "drop-in" in BatchEventProcessor.__doc__
+
+
+def test_an_event_the_sdk_would_not_send_is_counted_invalid_and_logged(configs, recorder, caplog):
+    from optimizely.event import user_event
+
+    c = configs["main"]
+    ctx = user_event.EventContext(c.account_id, c.project_id, c.revision, c.anonymize_ip, c.region)
+    no_event = user_event.ConversionEvent(ctx, None, "u-1", [], None)
+    p = BatchEventProcessor(recorder, start_on_init=True)
+    with caplog.at_level(logging.ERROR, logger="tributary_events"):
+        p.process(no_event)
+        p.stop()
+    assert p.stats()["invalid"] == 1 and recorder.log_events == []
+    assert any("Invalid user event" in r.getMessage() for r in caplog.records)
+
+
+def test_the_drop_in_example_runs_against_a_loopback_server(server):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "python", "drop_in_processor.py"),
+         os.path.join(SHARED, "datafile.json"), server.url],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout
+    assert out.startswith("checkout_redesign: ")
+    assert len(server.visitors()) == 2
