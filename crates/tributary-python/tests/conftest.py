@@ -82,7 +82,8 @@ class Recorder:
 class RecordingServer:
     """A real HTTP server on 127.0.0.1:<free port> that records each POSTed JSON body."""
 
-    def __init__(self, status=204):
+    def __init__(self, status=204, on_request=None):
+        self.on_request = on_request
         self.bodies = []
         self.headers = []
         self.status = status
@@ -94,6 +95,8 @@ class RecordingServer:
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if outer.on_request is not None:
+                    outer.on_request()
                 if self.headers.get("Content-Encoding") == "gzip":
                     raw = gzip.decompress(raw)
                 with cond:

@@ -312,3 +312,32 @@ def test_the_drop_in_example_runs_against_a_loopback_server(server):
     ).stdout
     assert out.startswith("checkout_redesign: ")
     assert len(server.visitors()) == 2
+
+
+def test_the_gil_is_released_while_rust_sends_at_stop(configs, fixture_calls):
+    """The upstream is Python code in this process: it can only answer while stop() and
+    Tributary's HTTP dispatcher run without the GIL."""
+    from conftest import RecordingServer
+
+    arrived, release = threading.Event(), threading.Event()
+
+    def hold():
+        arrived.set()
+        assert release.wait(30), "the test never released the request"
+
+    server = RecordingServer(on_request=hold)
+    try:
+        p = BatchEventProcessor(endpoint=server.url, start_on_init=True, batch_size=100, timeout_interval=30)
+        for e in conversions(configs["main"], "gil", random.Random(9), 5, fixture_calls):
+            p.process(e)
+        stopper = threading.Thread(target=p.stop)
+        stopper.start()
+        assert arrived.wait(30), "the request never reached the Python server: the GIL was held"
+        assert stopper.is_alive(), "stop() returned before its request was answered"
+        release.set()
+        stopper.join(30)
+        assert not stopper.is_alive()
+        assert p.stats()["dispatched"] == 5
+    finally:
+        release.set()
+        server.close()
