@@ -339,6 +339,12 @@ impl BatchEventProcessor {
             let was = epoch.phase;
             epoch.phase = Phase::Stopped;
             if was != Phase::Running {
+                let queued = epoch.tx.len();
+                drop(epoch);
+                if was == Phase::Idle && queued > 0 {
+                    // As the SDK's: a processor never started sends nothing; but not silently.
+                    self.log(py, "warning", &format!("BatchEventProcessor stopped before start(): {queued} queued events not sent"));
+                }
                 return;
             }
             (epoch.tx.clone(), epoch.running.take())

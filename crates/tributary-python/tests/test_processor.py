@@ -341,3 +341,13 @@ def test_the_gil_is_released_while_rust_sends_at_stop(configs, fixture_calls):
     finally:
         release.set()
         server.close()
+
+
+def test_stop_before_start_says_what_it_did_not_send(configs, fixture_calls, recorder, caplog):
+    p = BatchEventProcessor(recorder)
+    for e in conversions(configs["main"], "u", random.Random(1), 3, fixture_calls):
+        p.process(e)
+    with caplog.at_level(logging.WARNING, logger="tributary_events"):
+        p.stop()
+    assert any("3 queued events not sent" in r.getMessage() for r in caplog.records)
+    assert not p.is_running and recorder.log_events == []
