@@ -49,3 +49,8 @@ echo "== cargo test"
 cargo test --workspace --locked
 # `cargo test` builds every example before it runs any test, so tests/examples_run.rs runs
 # fresh example binaries against a loopback upstream.
+# The Python package (crates/tributary-python), tested with pytest against the official SDK:
+# built into .venv (debug profile, reusing the build above) only when its sources changed.
+echo "== tributary-events (Python): pytest"
+TRIBUTARY_WHEEL_PROFILE=dev scripts/setup-python-package.sh
+"$TRIBUTARY_PYTHON" -m pytest -q -p no:cacheprovider crates/tributary-python/tests

@@ -1,5 +1,10 @@
 """An event dispatcher for the official Optimizely Python SDK that sends to a Tributary relay.
 
+With the `tributary-events` package installed (`pip install ./crates/tributary-python`),
+use `tributary_events.RelayEventDispatcher` instead: the same, in Rust (keep-alive, retries
+with `Retry-After`, the GIL released while it sends). This file stays for services that
+cannot install the package.
+
 The SDK calls ``dispatch_event(log_event)`` with the Event API request it built. This
 dispatcher posts the same body to the relay instead of the Event API, keeping EU payloads on
 the relay's EU route (they are only ever forwarded to the EU endpoint). The relay answers

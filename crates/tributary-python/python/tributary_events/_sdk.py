@@ -1,0 +1,76 @@
+"""What the native module needs from Python: the SDK's classes and its exact JSON shaping.
+
+Imported by the native `BatchEventProcessor` on construction. Everything here runs on a
+Tributary thread (conversion, dispatch), never on the caller's thread inside `process()`.
+"""
+
+import atexit
+import json
+import logging
+import os
+import weakref
+
+from optimizely import entities
+from optimizely import logger as sdk_logger
+from optimizely.event import log_event as _log_event
+from optimizely.event import user_event as _user_event
+from optimizely.helpers import enums, event_tag_utils
+
+ImpressionEvent = _user_event.ImpressionEvent
+ConversionEvent = _user_event.ConversionEvent
+Experiment = entities.Experiment
+Variation = entities.Variation
+LOG_EVENT = enums.NotificationTypes.LOG_EVENT
+HTTP_HEADERS = {"Content-Type": "application/json"}
+
+_NULLABLE = ("revenue", "value", "tags", "decisions")
+
+
+def _dict_clean(pairs):
+    # The SDK's EventBatch._dict_clean: drops these keys when None, at any depth (tags too).
+    return {k: v for k, v in pairs if not (v is None and k in _NULLABLE)}
+
+
+def tags_json(tags):
+    """The event tags as the SDK's payload carries them, as a JSON string."""
+    shaped = json.loads(json.dumps(tags, default=lambda o: o.__dict__), object_pairs_hook=_dict_clean)
+    return json.dumps(shaped)
+
+
+def revenue_and_value(tags, logger):
+    """`revenue` and `value` as the SDK's EventFactory takes them from the tags."""
+    return event_tag_utils.get_revenue_value(tags), event_tag_utils.get_numeric_value(tags, logger)
+
+
+def make_log_event(url, body):
+    """The SDK's own LogEvent for one request body: url, params (a dict), http_verb, headers."""
+    return _log_event.LogEvent(url, json.loads(body), "POST", dict(HTTP_HEADERS))
+
+
+def default_logger():
+    return logging.getLogger("tributary_events")
+
+
+def no_op_logger():
+    return sdk_logger.NoOpLogger()
+
+
+def register_lifecycle(processor):
+    """Stops `processor` at interpreter exit and renews it in a forked child.
+
+    Holds only a weak reference, so registering does not keep the processor alive.
+    """
+    ref = weakref.ref(processor)
+
+    def at_exit():
+        p = ref()
+        if p is not None:
+            p._at_exit()
+
+    def after_in_child():
+        p = ref()
+        if p is not None:
+            p._after_fork_in_child()
+
+    atexit.register(at_exit)
+    os.register_at_fork(after_in_child=after_in_child)
