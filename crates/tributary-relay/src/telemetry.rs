@@ -24,6 +24,13 @@
 //! | `forwarded_events_total` | counter | visitors delivered upstream |
 //! | `upstream_batch_events`, `upstream_batch_bytes` | histogram | merged batch sizes |
 //! | `upstream_latency_seconds` | histogram | one upstream send, its in-request retries included |
+//! | `privacy_attributes_dropped_total{account}` | counter | visitor attributes removed by `--drop-attributes` / `--allow-attributes` |
+//! | `privacy_visitor_ids_hashed_total{account}` | counter | visitor ids replaced by their HMAC (`--hash-visitor-ids`) |
+//! | `privacy_visitors_rewritten_total{account}` | counter | visitors a privacy rule changed (written again) |
+//! | `ingest_duplicate_events_total{account}` | counter | events dropped at ingest: their uuid was accepted within `--dedup-window` |
+//! | `ingest_duplicate_visitors_dropped_total{account}` | counter | visitors dropped because no event was left |
+//! | `quota_refused_requests_total{account}` | counter | requests answered 429: the account over `--max-pending-bytes-per-account` |
+//! | `token_rate_limited_total{token}` | counter | requests answered 429 by `--token-rate-limit`; `token` is the token's position in the list, never the token |
 
 use std::sync::Arc;
 use std::time::Duration;
