@@ -175,12 +175,12 @@ async fn accept(
     };
     let batch = parse_payload(body)?;
     // The shared-relay stage: privacy, then duplicates, then quota (see `crate::rules`).
-    let max_batch_bytes = state.max_batch_bytes;
     let admitted = state
         .rules
         .admit(&*state.spool, batch, |b| {
-            b.encoded_len()
-                .min(max_batch_bytes.saturating_mul(b.visitors().len().max(1))) as u64
+            // What the spool will count: the header and the visitors (once per part, but
+            // the parts are known only after the split; close enough for a quota).
+            (b.header().len() + b.visitors().iter().map(Bytes::len).sum::<usize>()) as u64
         })
         .await
         .map_err(rule_error)?;

@@ -3,7 +3,7 @@
 //! `visitor_id` by its HMAC-SHA256 under a key the operator holds.
 //!
 //! A visitor no rule changes is forwarded exactly as received (the same bytes). A visitor
-//! a rule changes is written again field by field ([`crate::json_fields`]): the fields the
+//! a rule changes is written again field by field (`json_fields`): the fields the
 //! rule did not touch keep their bytes, their order and any field unknown to this code.
 //! Nothing here logs a value it removes or replaces.
 
