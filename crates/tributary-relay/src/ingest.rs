@@ -191,10 +191,16 @@ async fn accept(
         return Ok(StatusCode::NO_CONTENT);
     }
     let events = batch.visitors().len();
-    let parts = batch.split_to_fit(state.max_batch_bytes).map_err(|e| {
-        IngestError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-            .at(format!("$.visitors[{}]", e.index))
-    })?;
+    let parts = match batch.split_to_fit(state.max_batch_bytes) {
+        Ok(parts) => parts,
+        Err(e) => {
+            state.rules.settle(settle, false, 0).await;
+            return Err(
+                IngestError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+                    .at(format!("$.visitors[{}]", e.index)),
+            );
+        }
+    };
     let max_events = state.max_batch_events.max(1);
     let payloads: Vec<Payload> = parts
         .iter()
