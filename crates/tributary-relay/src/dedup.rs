@@ -5,7 +5,10 @@
 //! Two layers: a bounded map in memory of the uuids accepted recently (`--dedup-cache-uuids`
 //! entries, oldest out first), and on the SQLite spool a durable set in `dedup.db` beside the
 //! spool ([`tributary_spool::DedupStore`], at most `--dedup-max-uuids` rows, expired past
-//! the window), so the filter holds across restarts and `kill -9`.
+//! the window), so the filter holds across restarts and `kill -9`. The disk is asked only
+//! while the map may not know every uuid of the window (after a restart, until the window
+//! has passed; or once the map has evicted a uuid still in the window); otherwise a uuid the
+//! map does not hold is new, and only its record is written.
 //!
 //! The order makes it lose nothing: a request's uuids are *claimed* (in memory) while it is
 //! appended, and *recorded* only after the spool committed. A crash between the two forgets
@@ -55,6 +58,11 @@ struct Cache {
     at: HashMap<DedupKey, i64>,
     order: VecDeque<(DedupKey, i64)>,
     claimed: HashSet<DedupKey>,
+    /// The newest time of a uuid this map does not hold although it may be in the durable
+    /// set: the newest there when the relay started, or the newest entry evicted since.
+    /// While it is older than the window, the map knows every uuid of the window, and a
+    /// uuid it does not hold needs no lookup on disk.
+    unknown_newest: i64,
 }
 
 impl Cache {
@@ -66,6 +74,7 @@ impl Cache {
                 // Only the newest entry of a key removes it from the map.
                 if self.at.get(&old) == Some(&at) {
                     self.at.remove(&old);
+                    self.unknown_newest = self.unknown_newest.max(at);
                 }
             }
         }
@@ -101,7 +110,9 @@ pub struct Claim {
 
 impl std::fmt::Debug for Claim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Claim").field("uuids", &self.keys.len()).finish()
+        f.debug_struct("Claim")
+            .field("uuids", &self.keys.len())
+            .finish()
     }
 }
 
@@ -233,9 +244,17 @@ fn without_events(visitor: &[u8], keep: &[Vec<bool>]) -> Option<Bytes> {
 impl Dedup {
     /// A filter; `store` makes it durable.
     pub fn new(config: DedupConfig, store: Option<DedupStore>) -> Dedup {
+        // What the durable set holds from before is unknown to the map; if it cannot be
+        // read, assume it holds everything (ask it every time).
+        let unknown_newest = store.as_ref().map_or(i64::MIN, |s| {
+            s.newest_ms().map_or(i64::MAX, |n| n.unwrap_or(i64::MIN))
+        });
         Dedup {
             config,
-            cache: Arc::new(Mutex::new(Cache::default())),
+            cache: Arc::new(Mutex::new(Cache {
+                unknown_newest,
+                ..Cache::default()
+            })),
             store: store.map(Arc::new),
             expiring: Arc::new(AtomicBool::new(false)),
             last_expiry: Mutex::new(0),
@@ -271,8 +290,10 @@ impl Dedup {
         // Memory first; what it does not know, the durable set.
         let mut known: HashSet<DedupKey> = HashSet::new();
         let mut ask: Vec<DedupKey> = Vec::new();
+        let complete;
         {
             let cache = self.cache();
+            complete = cache.unknown_newest < since;
             for k in &unique {
                 if cache.claimed.contains(k) {
                     return Err(DedupError::InFlight);
@@ -285,7 +306,7 @@ impl Dedup {
                 }
             }
         }
-        if let (Some(store), false) = (&self.store, ask.is_empty()) {
+        if let (Some(store), false, false) = (&self.store, ask.is_empty(), complete) {
             let store = store.clone();
             let keys = ask.clone();
             let seen = tokio::task::spawn_blocking(move || store.seen_since(&keys, since))
@@ -467,10 +488,17 @@ mod tests {
         ));
         drop(held);
         let retried = dedup.filter(vec![v("a", &["1"])]).await.unwrap();
-        assert_eq!(retried.duplicate_events, 0, "a dropped claim was not accepted");
+        assert_eq!(
+            retried.duplicate_events, 0,
+            "a dropped claim was not accepted"
+        );
         dedup.settle(retried.claim, false).await;
         assert_eq!(
-            dedup.filter(vec![v("a", &["1"])]).await.unwrap().duplicate_events,
+            dedup
+                .filter(vec![v("a", &["1"])])
+                .await
+                .unwrap()
+                .duplicate_events,
             0
         );
     }
@@ -485,5 +513,22 @@ mod tests {
         let restarted = Dedup::new(config(), Some(DedupStore::open(dir.path()).unwrap()));
         let f = restarted.filter(vec![v("a", &["1"])]).await.unwrap();
         assert_eq!((f.duplicate_events, f.dropped_visitors), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn an_evicted_uuid_is_still_found_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = DedupConfig {
+            cache_uuids: 1,
+            ..config()
+        };
+        let dedup = Dedup::new(small, Some(DedupStore::open(dir.path()).unwrap()));
+        for u in ["1", "2"] {
+            let f = dedup.filter(vec![v("a", &[u])]).await.unwrap();
+            dedup.settle(f.claim, true).await;
+        }
+        // "1" left the map for "2": the map is no longer complete, and the disk answers.
+        let f = dedup.filter(vec![v("a", &["1"])]).await.unwrap();
+        assert_eq!(f.duplicate_events, 1);
     }
 }

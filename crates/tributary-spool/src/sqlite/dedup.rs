@@ -206,6 +206,19 @@ impl DedupStore {
         }
     }
 
+    /// The time of the newest key held (`None` when empty): a filter in front of this set
+    /// that knows every key recorded since may skip asking for keys older than that.
+    pub fn newest_ms(&self) -> Result<Option<i64>, SpoolError> {
+        let conn = self.lock();
+        conn.query_row(
+            "SELECT seen_at FROM seen ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| storage(&self.path, e))
+    }
+
     /// Keys held.
     pub fn len(&self) -> Result<u64, SpoolError> {
         let conn = self.lock();
