@@ -30,8 +30,8 @@ use crate::json_fields::{Fields, array_items, write_array, write_object};
 /// The default window: off. See docs/relay.md for the measured cost that a window adds.
 pub const DEFAULT_WINDOW: Duration = Duration::ZERO;
 
-/// Default uuids held in memory: about 9 MiB of resident memory per 100,000 (measured,
-/// BENCHMARKS.md), so 200,000 (about 17 MiB) keep the relay inside its memory budget.
+/// Default uuids held in memory: about 9 to 11 MiB of resident memory per 100,000 (measured,
+/// BENCHMARKS.md), so 200,000 (about 17 to 21 MiB) keep the relay inside its memory budget.
 pub const DEFAULT_CACHE_UUIDS: usize = 200_000;
 
 /// Default uuids held on disk: about 60 bytes each (measured, BENCHMARKS.md), so 2,000,000
