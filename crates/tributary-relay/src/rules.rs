@@ -235,13 +235,8 @@ impl IngestRules {
 
     /// After the append: `accepted` records the uuids and counts the bytes for the quota;
     /// otherwise the claim is released.
-    pub async fn settle(
-        &self,
-        admitted_claim: (Option<String>, Option<Claim>),
-        accepted: bool,
-        bytes: u64,
-    ) {
-        let (account, claim) = admitted_claim;
+    pub async fn settle(&self, pending: PendingSettlement, accepted: bool, bytes: u64) {
+        let PendingSettlement { account, claim } = pending;
         if let (Some(dedup), Some(claim)) = (&self.dedup, claim) {
             dedup.settle(claim, accepted).await;
         }
@@ -251,9 +246,23 @@ impl IngestRules {
     }
 }
 
+/// What [`IngestRules::settle`] needs once the append is done: the account (for the
+/// quota's figure) and the claimed uuids. Dropped unsettled, the uuids are released.
+#[derive(Debug)]
+pub struct PendingSettlement {
+    account: Option<String>,
+    claim: Option<Claim>,
+}
+
 impl Admitted {
     /// Splits into the batch to store and what [`IngestRules::settle`] needs.
-    pub fn into_parts(self) -> (RawBatch, (Option<String>, Option<Claim>)) {
-        (self.batch, (self.account, self.claim))
+    pub fn into_parts(self) -> (RawBatch, PendingSettlement) {
+        (
+            self.batch,
+            PendingSettlement {
+                account: self.account,
+                claim: self.claim,
+            },
+        )
     }
 }
