@@ -94,7 +94,9 @@ UPDATE totals SET
 /// moves it in its own transaction without code of its own, and reading one account's
 /// figure is one primary-key lookup instead of a scan. The account is the header's
 /// `account_id` (headers are JSON fragments: `"account_id":"1",...`); a header that is not
-/// valid JSON counts under `''` rather than failing the write.
+/// valid JSON counts under `''` rather than failing the write. An account's row goes when
+/// its last pending payload does, so the table holds the accounts with something pending,
+/// not every account ever seen.
 const MIGRATE_TO_3: &str = "
 CREATE TABLE IF NOT EXISTS account_pending (
     account TEXT PRIMARY KEY,
@@ -110,10 +112,12 @@ END;
 CREATE TRIGGER IF NOT EXISTS account_pending_delete AFTER DELETE ON payloads BEGIN
     UPDATE account_pending SET pending = pending - 1, pending_bytes = pending_bytes - OLD.bytes
         WHERE account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
+    DELETE FROM account_pending WHERE pending <= 0 AND account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
 END;
 CREATE TRIGGER IF NOT EXISTS account_pending_update AFTER UPDATE OF bytes, header ON payloads BEGIN
     UPDATE account_pending SET pending = pending - 1, pending_bytes = pending_bytes - OLD.bytes
         WHERE account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
+    DELETE FROM account_pending WHERE pending <= 0 AND account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
     INSERT INTO account_pending (account, pending, pending_bytes)
         VALUES ((CASE WHEN json_valid('{' || CAST(NEW.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(NEW.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END), 1, NEW.bytes)
         ON CONFLICT (account) DO UPDATE SET pending = pending + 1,
