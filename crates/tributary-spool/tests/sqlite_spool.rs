@@ -754,11 +754,18 @@ async fn an_account_with_nothing_pending_leaves_no_row() {
     let dir = tempfile::tempdir().unwrap();
     let spool = SqliteSpool::open(dir.path(), config()).unwrap();
     spool
-        .append(vec![payload_of("a", 1), payload_of("a", 2), payload_of("b", 3)])
+        .append(vec![
+            payload_of("a", 1),
+            payload_of("a", 2),
+            payload_of("b", 3),
+        ])
         .await
         .unwrap();
     let a_bytes = (payload_of("a", 1).stored_len() + payload_of("a", 2).stored_len()) as u64;
-    assert_eq!(spool.account_pending_bytes("a").await.unwrap(), Some(a_bytes));
+    assert_eq!(
+        spool.account_pending_bytes("a").await.unwrap(),
+        Some(a_bytes)
+    );
     assert_eq!(account_rows(dir.path()).len(), 2);
 
     // Acked: `a` has nothing left, and its row goes with its last payload.
@@ -776,8 +783,15 @@ async fn an_account_with_nothing_pending_leaves_no_row() {
 
     // Dead-lettered: the same; retried, it is pending (and counted) again.
     let receipts: Vec<Receipt> = of_b.iter().map(|l| l.receipt.clone()).collect();
-    spool.dead_letter(&receipts, "upstream answered 400").await.unwrap();
-    assert!(account_rows(dir.path()).is_empty(), "{:?}", account_rows(dir.path()));
+    spool
+        .dead_letter(&receipts, "upstream answered 400")
+        .await
+        .unwrap();
+    assert!(
+        account_rows(dir.path()).is_empty(),
+        "{:?}",
+        account_rows(dir.path())
+    );
     spool.retry_dead_letters(Selection::All).await.unwrap();
     assert_eq!(
         spool.account_pending_bytes("b").await.unwrap(),
