@@ -28,6 +28,7 @@
 //! The other modules are the binary's subcommands (`drain`, `spool`, `event`, `validate`,
 //! `bench`); the store-and-forward machinery itself lives in [`tributary_spool::forward`].
 
+pub mod account_labels;
 pub mod bench;
 pub mod cmd_drain;
 pub mod cmd_event;

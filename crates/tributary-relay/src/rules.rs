@@ -10,7 +10,7 @@
 //!
 //! The per-token rate limit comes earlier, at authentication, before the body is read.
 //! Metrics are labelled by `account_id` (or by the token's position in the list), never by
-//! anything of a visitor.
+//! anything of a visitor; the account values are bounded by [`AccountLabels`].
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use serde::Deserialize;
 use tributary::RawBatch;
 use tributary_spool::{DedupStore, Spool, SpoolError};
 
+use crate::account_labels::AccountLabels;
 use crate::config::RelayConfig;
 use crate::dedup::{Claim, Dedup, DedupConfig, DedupError};
 use crate::privacy::{PrivacyCounts, PrivacyRules};
@@ -36,6 +37,7 @@ pub struct IngestRules {
     dedup: Option<Dedup>,
     quota: Option<AccountQuota>,
     rate: Option<TokenRateLimit>,
+    labels: AccountLabels,
 }
 
 /// Why the stage refused a request.
@@ -127,6 +129,10 @@ impl IngestRules {
             dedup,
             quota: config.max_pending_bytes_per_account.map(AccountQuota::new),
             rate,
+            labels: AccountLabels::new(
+                config.privacy_rules.accounts.keys().cloned(),
+                config.max_account_labels,
+            ),
         })
     }
 
@@ -179,12 +185,12 @@ impl IngestRules {
                     }
                 }
             }
-            let label = || account.clone();
-            metrics::counter!("tributary_privacy_attributes_dropped_total", "account" => label())
+            let label = self.labels.label(&account);
+            metrics::counter!("tributary_privacy_attributes_dropped_total", "account" => label.clone())
                 .increment(counts.attributes_dropped);
-            metrics::counter!("tributary_privacy_visitor_ids_hashed_total", "account" => label())
+            metrics::counter!("tributary_privacy_visitor_ids_hashed_total", "account" => label.clone())
                 .increment(counts.visitor_ids_hashed);
-            metrics::counter!("tributary_privacy_visitors_rewritten_total", "account" => label())
+            metrics::counter!("tributary_privacy_visitors_rewritten_total", "account" => label)
                 .increment(counts.visitors_rewritten);
         }
         let mut claim = None;
@@ -194,9 +200,10 @@ impl IngestRules {
                 DedupError::Store(s) => RuleError::Storage(s),
             })?;
             if filtered.duplicate_events > 0 {
-                metrics::counter!("tributary_ingest_duplicate_events_total", "account" => account.clone())
+                let label = self.labels.label(&account);
+                metrics::counter!("tributary_ingest_duplicate_events_total", "account" => label.clone())
                     .increment(filtered.duplicate_events);
-                metrics::counter!("tributary_ingest_duplicate_visitors_dropped_total", "account" => account.clone())
+                metrics::counter!("tributary_ingest_duplicate_visitors_dropped_total", "account" => label)
                     .increment(filtered.dropped_visitors);
             }
             visitors = filtered.visitors;
@@ -217,7 +224,7 @@ impl IngestRules {
             };
             if let Some(err) = refused {
                 if matches!(err, RuleError::Quota { .. }) {
-                    metrics::counter!("tributary_quota_refused_requests_total", "account" => account.clone())
+                    metrics::counter!("tributary_quota_refused_requests_total", "account" => self.labels.label(&account))
                         .increment(1);
                 }
                 if let (Some(dedup), Some(c)) = (&self.dedup, claim) {

@@ -31,6 +31,10 @@
 //! | `ingest_duplicate_visitors_dropped_total{account}` | counter | visitors dropped because no event was left |
 //! | `quota_refused_requests_total{account}` | counter | requests answered 429: the account over `--max-pending-bytes-per-account` |
 //! | `token_rate_limited_total{token}` | counter | requests answered 429 by `--token-rate-limit`; `token` is the token's position in the list, never the token |
+//!
+//! The `account` label is bounded ([`crate::account_labels`]): the accounts of
+//! `[[privacy.account]]` tables and the first `--max-account-labels` others seen (default
+//! 100) have their own value; every later account is counted under `account="other"`.
 
 use std::sync::Arc;
 use std::time::Duration;

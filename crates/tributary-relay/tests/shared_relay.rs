@@ -284,7 +284,12 @@ fn duplicates_reach_the_upstream_once_per_uuid_across_kill_9_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let spool = spool.to_str().unwrap();
-    let args = relay_args(&upstream.url(), spool, &["--dedup-window", "10m"]);
+    // One account label besides the configured ones: the first account seen takes it.
+    let args = relay_args(
+        &upstream.url(),
+        spool,
+        &["--dedup-window", "10m", "--max-account-labels", "1"],
+    );
     let mut relay = RelayProcess::serve(&args);
 
     let all = uuids("dup", 20);
@@ -311,7 +316,20 @@ fn duplicates_reach_the_upstream_once_per_uuid_across_kill_9_and_restart() {
         let (status, _, text) = post(&relay, &payload(range), &[]);
         assert_eq!(status, 204, "{text}");
     }
+    // Another account resending uuids: counted, past the label bound, under "other".
+    let again: Vec<String> = all[..5]
+        .iter()
+        .map(|u| visitor(&format!("x-{u}"), u, &[]))
+        .collect();
+    let (status, _, text) = post(&relay, &body("second-account", &again), &[]);
+    assert_eq!(status, 204, "{text}");
     until_empty(spool);
+    let (_, metrics) = get(&relay.url("/metrics"));
+    assert!(
+        metrics.contains(r#"tributary_ingest_duplicate_events_total{account="other"} 5"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("second-account"), "{metrics}");
 
     let mut counts: HashMap<String, usize> = HashMap::new();
     for u in delivered_uuids(&upstream.requests()) {

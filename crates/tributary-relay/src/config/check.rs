@@ -173,6 +173,9 @@ impl RelayConfig {
         if !(1..=1_000_000_000).contains(&self.dedup_max_uuids) {
             return invalid("dedup-max-uuids", "must be between 1 and 1000000000");
         }
+        if self.max_account_labels > 100_000 {
+            return invalid("max-account-labels", "must be at most 100000");
+        }
         let sqlite = matches!(
             spool_addr::SpoolAddr::parse(&self.spool),
             SpoolAddr::Sqlite(_)

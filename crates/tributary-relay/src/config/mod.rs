@@ -134,6 +134,8 @@ pub struct RelayConfig {
     pub token_rate_limit: Option<f64>,
     /// Token-bucket size per bearer token.
     pub token_burst: Option<u32>,
+    /// Accounts with a metric label of their own, besides the per-account tables'.
+    pub max_account_labels: usize,
     /// The rules resolved: relay-wide and per account, with the key read.
     #[serde(skip)]
     pub privacy_rules: crate::privacy::PrivacyRules,
@@ -254,6 +256,7 @@ impl LayeredSettings {
             max_pending_bytes_per_account: self.max_pending_bytes_per_account,
             token_rate_limit: self.token_rate_limit,
             token_burst: self.token_burst,
+            max_account_labels: self.max_account_labels,
             privacy: self.privacy,
         };
         config.check()?;

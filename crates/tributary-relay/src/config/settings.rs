@@ -304,6 +304,12 @@ pub struct RelaySettings {
     #[arg(long, env = "TRIBUTARY_TOKEN_BURST", value_name = "N")]
     pub token_burst: Option<u32>,
 
+    /// Metrics: distinct account_id values that get a label of their own (besides the
+    /// accounts of [[privacy.account]] tables, which always do); later ones are counted
+    /// under account="other", so a client cannot grow /metrics without bound.
+    #[arg(long, env = "TRIBUTARY_MAX_ACCOUNT_LABELS", value_name = "N")]
+    pub max_account_labels: Option<usize>,
+
     /// Privacy rules of single accounts, from the file only (`[[privacy.account]]`).
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -419,6 +425,8 @@ pub struct LayeredSettings {
     pub token_rate_limit: Option<f64>,
     /// [`RelaySettings::token_burst`].
     pub token_burst: Option<u32>,
+    /// [`RelaySettings::max_account_labels`].
+    pub max_account_labels: usize,
     /// [`RelaySettings::privacy`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyTable>,
@@ -508,6 +516,7 @@ impl Default for LayeredSettings {
             max_pending_bytes_per_account: None,
             token_rate_limit: None,
             token_burst: None,
+            max_account_labels: crate::account_labels::DEFAULT_MAX_ACCOUNT_LABELS,
             privacy: None,
         }
     }

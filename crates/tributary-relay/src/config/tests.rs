@@ -323,4 +323,6 @@ fn privacy_and_fair_share_mistakes_are_named() {
         ..Default::default()
     };
     refused(window, "dedup-window");
+    let labels: RelaySettings = toml::from_str("max-account-labels = 1000000\n").unwrap();
+    refused(labels, "max-account-labels");
 }
