@@ -44,6 +44,9 @@ pub struct IngestState {
     pub body_timeout: std::time::Duration,
     /// The number of permits `requests` started with.
     pub requests_max: usize,
+    /// The shared-relay rules (privacy, duplicates, quota, token rate), applied between
+    /// the parse and the append ([`crate::rules`]).
+    pub rules: Arc<crate::rules::IngestRules>,
 }
 
 /// An ingest error, answered as `{"error": ..., "path": ...}`.
@@ -133,7 +136,14 @@ async fn accept(
             state.requests_max
         ))
     })?;
-    authenticate(&state.auth_tokens, headers)?;
+    let token = authenticate(&state.auth_tokens, headers)?;
+    state.rules.check_rate(token).map_err(|wait| IngestError {
+        retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+        ..IngestError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "this token is over its request rate (--token-rate-limit); retry later",
+        )
+    })?;
     check_content_type(headers)?;
     let (raw, held) = tokio::time::timeout(state.body_timeout, read_body(state, body))
         .await
@@ -164,11 +174,33 @@ async fn accept(
         _ => None,
     };
     let batch = parse_payload(body)?;
+    // The shared-relay stage: privacy, then duplicates, then quota (see `crate::rules`).
+    let admitted = state
+        .rules
+        .admit(&*state.spool, batch, |b| {
+            // What the spool will count: the header and the visitors (once per part, but
+            // the parts are known only after the split; close enough for a quota).
+            (b.header().len() + b.visitors().iter().map(Bytes::len).sum::<usize>()) as u64
+        })
+        .await
+        .map_err(rule_error)?;
+    let (batch, settle) = admitted.into_parts();
+    if batch.visitors().is_empty() {
+        // Every event was a duplicate: already accepted, so acknowledged again.
+        state.rules.settle(settle, true, 0).await;
+        return Ok(StatusCode::NO_CONTENT);
+    }
     let events = batch.visitors().len();
-    let parts = batch.split_to_fit(state.max_batch_bytes).map_err(|e| {
-        IngestError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-            .at(format!("$.visitors[{}]", e.index))
-    })?;
+    let parts = match batch.split_to_fit(state.max_batch_bytes) {
+        Ok(parts) => parts,
+        Err(e) => {
+            state.rules.settle(settle, false, 0).await;
+            return Err(
+                IngestError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+                    .at(format!("$.visitors[{}]", e.index)),
+            );
+        }
+    };
     let max_events = state.max_batch_events.max(1);
     let payloads: Vec<Payload> = parts
         .iter()
@@ -181,7 +213,12 @@ async fn accept(
         .map(|b| Payload::from_batch(route.clone(), &b))
         .collect();
     let bytes: usize = payloads.iter().map(Payload::stored_len).sum();
-    state.spool.append(payloads).await.map_err(spool_error)?;
+    let appended = state.spool.append(payloads).await;
+    state
+        .rules
+        .settle(settle, appended.is_ok(), bytes as u64)
+        .await;
+    appended.map_err(spool_error)?;
 
     metrics::counter!("tributary_ingest_events_total").increment(events as u64);
     metrics::counter!("tributary_ingest_bytes_total").increment(bytes as u64);
@@ -255,6 +292,21 @@ async fn read_body(
     Ok((Bytes::from(buf), held))
 }
 
+fn rule_error(e: crate::rules::RuleError) -> IngestError {
+    use crate::rules::RuleError;
+    match e {
+        RuleError::Visitor { index, message } => {
+            IngestError::new(StatusCode::BAD_REQUEST, message).at(format!("$.visitors[{index}]"))
+        }
+        RuleError::InFlight(message) => busy(message),
+        e @ RuleError::Quota { .. } => IngestError {
+            retry_after: Some(crate::rules::QUOTA_RETRY_AFTER_SECS),
+            ..IngestError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        },
+        RuleError::Storage(e) => spool_error(e),
+    }
+}
+
 fn spool_error(e: SpoolError) -> IngestError {
     if let SpoolError::TooLarge(m) = &e {
         // A visitor too large for the spool (an SQS message): resending cannot help.
@@ -273,9 +325,11 @@ fn spool_error(e: SpoolError) -> IngestError {
     }
 }
 
-fn authenticate(tokens: &[String], headers: &HeaderMap) -> Result<(), IngestError> {
+/// Checks the bearer token; returns which of `tokens` it is (`None` when no token is
+/// required).
+fn authenticate(tokens: &[String], headers: &HeaderMap) -> Result<Option<usize>, IngestError> {
     if tokens.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `BEARER` and `Bearer`.
     let given = headers
@@ -292,11 +346,14 @@ fn authenticate(tokens: &[String], headers: &HeaderMap) -> Result<(), IngestErro
         ));
     };
     // Compare against every token, without stopping early, in constant time per token.
-    let ok = tokens.iter().fold(0u8, |acc, t| {
-        acc | u8::from(bool::from(t.as_bytes().ct_eq(given.as_bytes())))
-    });
-    if ok == 1 {
-        Ok(())
+    let mut matched = None;
+    for (i, t) in tokens.iter().enumerate() {
+        if bool::from(t.as_bytes().ct_eq(given.as_bytes())) {
+            matched = Some(i);
+        }
+    }
+    if let Some(i) = matched {
+        Ok(Some(i))
     } else {
         Err(IngestError::new(StatusCode::UNAUTHORIZED, "invalid token"))
     }

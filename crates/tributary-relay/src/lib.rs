@@ -28,6 +28,7 @@
 //! The other modules are the binary's subcommands (`drain`, `spool`, `event`, `validate`,
 //! `bench`); the store-and-forward machinery itself lives in [`tributary_spool::forward`].
 
+pub mod account_labels;
 pub mod bench;
 pub mod cmd_drain;
 pub mod cmd_event;
@@ -36,9 +37,14 @@ pub mod cmd_lambda;
 pub mod cmd_spool;
 pub mod cmd_validate;
 pub mod config;
+pub mod dedup;
 pub mod forwarding;
 pub mod http_server;
 pub mod ingest;
+mod json_fields;
+pub mod privacy;
+pub mod quota;
+pub mod rules;
 pub mod serve;
 pub mod signal;
 pub mod spool_addr;

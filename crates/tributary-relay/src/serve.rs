@@ -118,6 +118,7 @@ pub struct Relay {
     forwarder: Arc<tributary_spool::forward::Forwarder>,
     wake: Arc<Notify>,
     appended: Arc<AtomicUsize>,
+    rules: Arc<crate::rules::IngestRules>,
 }
 
 impl Relay {
@@ -125,6 +126,13 @@ impl Relay {
     /// only when `forward` is set).
     pub async fn open(config: RelayConfig, forward: bool) -> anyhow::Result<Relay> {
         let spool = spool_addr::open(&config.spool, &config, spool_addr::OpenMode::Create).await?;
+        let rules = match crate::rules::IngestRules::from_config(&config) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                close_spool(&*spool).await;
+                return Err(e.into());
+            }
+        };
         let wake = Arc::new(Notify::new());
         let appended = Arc::new(AtomicUsize::new(0));
         let forwarder = match crate::forwarding::forwarder(
@@ -146,6 +154,7 @@ impl Relay {
             forwarder,
             wake,
             appended,
+            rules,
         })
     }
 
@@ -170,6 +179,7 @@ impl Relay {
             forwarder,
             wake,
             appended,
+            rules,
         } = self;
         let no_forward = !forward;
         let metrics = crate::telemetry::install_metrics();
@@ -187,6 +197,7 @@ impl Relay {
             requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
             body_timeout: config.body_timeout,
             requests_max: config.max_concurrent_requests,
+            rules,
         });
         let ops = Arc::new(OpsState {
             spool: spool.clone(),

@@ -27,6 +27,17 @@
 //! | `upstream_consecutive_failures` | gauge | transient upstream failures in a row (no answer, timeout, 5xx, 408, 429); 0 once it answers |
 //! | `upstream_last_success_timestamp_seconds` | gauge | Unix time of the last 2xx from the upstream (absent until one) |
 //! | `spool_max_bytes` | gauge | the SQLite spool's size limit (`--spool-max-bytes`), for "near full" alerts |
+//! | `privacy_attributes_dropped_total{account}` | counter | visitor attributes removed by `--drop-attributes` / `--allow-attributes` |
+//! | `privacy_visitor_ids_hashed_total{account}` | counter | visitor ids replaced by their HMAC (`--hash-visitor-ids`) |
+//! | `privacy_visitors_rewritten_total{account}` | counter | visitors a privacy rule changed (written again) |
+//! | `ingest_duplicate_events_total{account}` | counter | events dropped at ingest: their uuid was accepted within `--dedup-window` |
+//! | `ingest_duplicate_visitors_dropped_total{account}` | counter | visitors dropped because no event was left |
+//! | `quota_refused_requests_total{account}` | counter | requests answered 429: the account over `--max-pending-bytes-per-account` |
+//! | `token_rate_limited_total{token}` | counter | requests answered 429 by `--token-rate-limit`; `token` is the token's position in the list, never the token |
+//!
+//! The `account` label is bounded ([`crate::account_labels`]): the accounts of
+//! `[[privacy.account]]` tables and the first `--max-account-labels` others seen (default
+//! 100) have their own value; every later account is counted under `account="other"`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -48,6 +48,8 @@ pub use dispatcher::{
 pub use payload::Payload;
 pub use route::Route;
 #[cfg(feature = "sqlite")]
+pub use sqlite::dedup::{DEDUP_FILE, DedupKey, DedupStore, dedup_key};
+#[cfg(feature = "sqlite")]
 pub use sqlite::{
     DB_FILE, ParseSyncModeError, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode,
 };
@@ -269,6 +271,14 @@ pub trait Spool: Send + Sync + 'static {
     /// not (a full disk, a damaged file). The default asks for [`Spool::stats`].
     async fn check_ready(&self) -> Result<(), SpoolError> {
         self.stats().await.map(|_| ())
+    }
+
+    /// Bytes of the payloads pending for `account_id` (its `account_id` header field),
+    /// cheap to read (one lookup of a running figure, never a scan); `None` for a spool
+    /// that keeps no such figure (SQS). The relay's fair share reads it.
+    async fn account_pending_bytes(&self, account: &str) -> Result<Option<u64>, SpoolError> {
+        let _ = account;
+        Ok(None)
     }
 
     /// The durable running totals, cheap to read; `None` for a spool that keeps none (SQS).

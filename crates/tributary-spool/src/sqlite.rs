@@ -15,7 +15,9 @@ use crate::{
     SpoolError, SpoolStats, SpoolTotals,
 };
 
+mod accounts;
 mod dead;
+pub(crate) mod dedup;
 mod payloads;
 mod room;
 mod schema;
@@ -258,6 +260,7 @@ pub struct SqliteSpool {
     counters: Arc<Counters>,
     dir: PathBuf,
     config: SqliteConfig,
+    accounts: Arc<accounts::AccountReader>,
 }
 
 impl std::fmt::Debug for Command {
@@ -315,6 +318,7 @@ impl SqliteSpool {
             counters,
             dir: dir.to_owned(),
             config,
+            accounts: Arc::new(accounts::AccountReader::new(&dir.join(DB_FILE))),
         })
     }
 
@@ -500,6 +504,15 @@ impl Spool for SqliteSpool {
 
     async fn close(&self) -> Result<(), SpoolError> {
         SqliteSpool::close(self).await
+    }
+
+    async fn account_pending_bytes(&self, account: &str) -> Result<Option<u64>, SpoolError> {
+        let reader = self.accounts.clone();
+        let account = account.to_owned();
+        tokio::task::spawn_blocking(move || reader.pending_bytes(&account))
+            .await
+            .map_err(|e| SpoolError::Storage(format!("account pending read failed: {e}")))?
+            .map(Some)
     }
 
     async fn totals(&self) -> Result<Option<SpoolTotals>, SpoolError> {

@@ -729,3 +729,74 @@ async fn a_million_payloads_reopen_fast() {
     assert!(leased_at < Duration::from_secs(1), "took {leased_at:?}");
     spool.close().await.unwrap();
 }
+
+/// The rows of `account_pending`, behind the spool's back.
+fn account_rows(dir: &Path) -> BTreeMap<String, (i64, i64)> {
+    let conn = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT account, pending, pending_bytes FROM account_pending")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn payload_of(account: &str, n: u64) -> Payload {
+    Payload {
+        header: Bytes::from(format!(r#""account_id":"{account}","project_id":"2""#)),
+        ..payload(n)
+    }
+}
+
+#[tokio::test]
+async fn an_account_with_nothing_pending_leaves_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = SqliteSpool::open(dir.path(), config()).unwrap();
+    spool
+        .append(vec![
+            payload_of("a", 1),
+            payload_of("a", 2),
+            payload_of("b", 3),
+        ])
+        .await
+        .unwrap();
+    let a_bytes = (payload_of("a", 1).stored_len() + payload_of("a", 2).stored_len()) as u64;
+    assert_eq!(
+        spool.account_pending_bytes("a").await.unwrap(),
+        Some(a_bytes)
+    );
+    assert_eq!(account_rows(dir.path()).len(), 2);
+
+    // Acked: `a` has nothing left, and its row goes with its last payload.
+    let leased = spool.lease(10, usize::MAX, LONG).await.unwrap();
+    let (of_a, of_b): (Vec<_>, Vec<_>) = leased
+        .iter()
+        .partition(|l| l.payload.header.starts_with(br#""account_id":"a""#));
+    spool.ack(&[of_a[0].receipt.clone()]).await.unwrap();
+    assert_eq!(account_rows(dir.path())["a"].0, 1, "one of a's left");
+    spool.ack(&[of_a[1].receipt.clone()]).await.unwrap();
+    let rows = account_rows(dir.path());
+    assert!(!rows.contains_key("a"), "a's row stayed at 0: {rows:?}");
+    assert_eq!(spool.account_pending_bytes("a").await.unwrap(), Some(0));
+    assert_eq!(rows["b"].0, 1);
+
+    // Dead-lettered: the same; retried, it is pending (and counted) again.
+    let receipts: Vec<Receipt> = of_b.iter().map(|l| l.receipt.clone()).collect();
+    spool
+        .dead_letter(&receipts, "upstream answered 400")
+        .await
+        .unwrap();
+    assert!(
+        account_rows(dir.path()).is_empty(),
+        "{:?}",
+        account_rows(dir.path())
+    );
+    spool.retry_dead_letters(Selection::All).await.unwrap();
+    assert_eq!(
+        spool.account_pending_bytes("b").await.unwrap(),
+        Some(payload_of("b", 3).stored_len() as u64)
+    );
+    spool.close().await.unwrap();
+    verify_db(dir.path());
+}

@@ -38,6 +38,11 @@ pub struct RelayLoadArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Give every request events with uuids no earlier request had (built as it is sent),
+    /// instead of cycling through 256 prepared bodies: what a duplicate filter sees from
+    /// real traffic.
+    #[arg(long)]
+    pub fresh_uuids: bool,
 }
 
 /// `tributary bench sink` flags.
@@ -164,6 +169,10 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
             .collect(),
     );
     let errors = Arc::new(AtomicU64::new(0));
+    // Fresh bodies are numbered past the prepared ones, so no uuid repeats.
+    let next_fresh = Arc::new(AtomicU64::new(256));
+    let fresh = args.fresh_uuids;
+    let events_per_payload = args.events_per_payload;
     let started = Instant::now();
     let until = started + args.duration.0;
     let per_conn_interval = (args.rate > 0)
@@ -174,6 +183,7 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
         let bodies = bodies.clone();
         let errors = errors.clone();
         let url = args.url.clone();
+        let next_fresh = next_fresh.clone();
         tasks.spawn(async move {
             let mut latencies = Vec::with_capacity(1 << 16);
             let mut due = Instant::now();
@@ -182,7 +192,12 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
                 if per_conn_interval.is_some() {
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let body = bodies[i % bodies.len()].clone();
+                let body = if fresh {
+                    let seq = next_fresh.fetch_add(1, Ordering::Relaxed);
+                    Bytes::from(sample_payload(events_per_payload, seq))
+                } else {
+                    bodies[i % bodies.len()].clone()
+                };
                 i += 1;
                 let sent = per_conn_interval.map_or_else(Instant::now, |_| due);
                 let ok = match client

@@ -125,6 +125,7 @@ impl RelayConfig {
         {
             return invalid("lease-timeout", "must be between 1s and 12h");
         }
+        self.check_shared()?;
         // The SQS settings are checked whatever the spool, so a bad value fails at once and
         // not on the day the relay moves to SQS; the spool crate owns their ranges.
         let queue = match spool_addr::SpoolAddr::parse(&self.spool) {
@@ -150,6 +151,63 @@ impl RelayConfig {
                 message: e.requirement.to_owned(),
             }
         })?;
+        Ok(())
+    }
+}
+
+impl RelayConfig {
+    /// The rules of a relay many teams share: duplicate filter, quota, rate limit.
+    fn check_shared(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                message: message.to_owned(),
+            })
+        };
+        if self.dedup_window > Duration::from_secs(30 * 86_400) {
+            return invalid("dedup-window", "must be at most 30days");
+        }
+        if !(1..=100_000_000).contains(&self.dedup_cache_uuids) {
+            return invalid("dedup-cache-uuids", "must be between 1 and 100000000");
+        }
+        if !(1..=1_000_000_000).contains(&self.dedup_max_uuids) {
+            return invalid("dedup-max-uuids", "must be between 1 and 1000000000");
+        }
+        if self.max_account_labels > 100_000 {
+            return invalid("max-account-labels", "must be at most 100000");
+        }
+        let sqlite = matches!(
+            spool_addr::SpoolAddr::parse(&self.spool),
+            SpoolAddr::Sqlite(_)
+        );
+        if let Some(limit) = self.max_pending_bytes_per_account {
+            if limit < 1024 {
+                return invalid("max-pending-bytes-per-account", "must be at least 1024");
+            }
+            if !sqlite {
+                return invalid(
+                    "max-pending-bytes-per-account",
+                    "needs the SQLite spool, which counts pending bytes per account (an SQS \
+                     queue does not say whose messages it holds)",
+                );
+            }
+        }
+        if let Some(rate) = self.token_rate_limit {
+            if !(rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0) {
+                return invalid("token-rate-limit", "must be above 0 and at most 1000000");
+            }
+            if self.auth_tokens.is_empty() {
+                return invalid(
+                    "token-rate-limit",
+                    "needs auth-tokens (or auth-tokens-file): the limit is per bearer token",
+                );
+            }
+        } else if self.token_burst.is_some() {
+            return invalid("token-burst", "needs token-rate-limit");
+        }
+        if self.token_burst == Some(0) {
+            return invalid("token-burst", "must be at least 1");
+        }
         Ok(())
     }
 }

@@ -1,9 +1,11 @@
 //! The files settings come from: the `--config` TOML file and the bearer-token file, both
 //! small regular files.
 
+use std::collections::HashSet;
 use std::path::Path;
 
-use super::{ConfigError, RelaySettings};
+use super::{ConfigError, PrivacyTable, RelaySettings};
+use crate::privacy::{AttributeRule, HashKey, PrivacyRule, PrivacyRules};
 
 /// Most bytes a config or token file may have: such files are small, and `/dev/zero` is not
 /// one.
@@ -109,4 +111,140 @@ pub(super) fn auth_tokens(
         ));
     }
     Ok(tokens)
+}
+
+/// Most bytes an HMAC key file may have.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// The attribute rule of `drop` or `allow` (at most one of them), keys checked.
+fn attribute_rule(
+    scope: &str,
+    drop: Option<&[String]>,
+    allow: Option<&[String]>,
+) -> Result<Option<AttributeRule>, ConfigError> {
+    let keys = |name: &'static str, list: &[String]| -> Result<HashSet<String>, ConfigError> {
+        let mut set = HashSet::new();
+        for k in list {
+            let k = k.trim();
+            if k.is_empty() {
+                return Err(ConfigError::Invalid {
+                    name,
+                    message: format!(
+                        "{scope}: holds a blank key (a stray comma?); every key must be non-empty"
+                    ),
+                });
+            }
+            set.insert(k.to_owned());
+        }
+        if set.is_empty() {
+            return Err(ConfigError::Invalid {
+                name,
+                message: format!("{scope}: names no key"),
+            });
+        }
+        Ok(set)
+    };
+    match (drop, allow) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid {
+            name: "allow-attributes",
+            message: format!(
+                "{scope}: drop-attributes and allow-attributes together; choose one (an \
+                 allow-list already drops every other key)"
+            ),
+        }),
+        (Some(d), None) => Ok(Some(AttributeRule::Drop(keys("drop-attributes", d)?))),
+        (None, Some(a)) => Ok(Some(AttributeRule::Allow(keys("allow-attributes", a)?))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The privacy rules the settings make: the relay-wide rule and each account's, the key
+/// file read. Every mistake is refused here, at start, naming the setting (and never
+/// showing the key).
+pub(super) fn privacy_rules(
+    drop: Option<&[String]>,
+    allow: Option<&[String]>,
+    hash: bool,
+    key_file: Option<&Path>,
+    accounts: Option<&PrivacyTable>,
+) -> Result<PrivacyRules, ConfigError> {
+    let invalid = |name, message: String| ConfigError::Invalid { name, message };
+    let any_hash = hash
+        || accounts.is_some_and(|t| t.account.iter().any(|a| a.hash_visitor_ids == Some(true)));
+    let key = match key_file {
+        Some(path) => {
+            let meta = std::fs::metadata(path)
+                .map_err(|e| invalid("hash-key-file", format!("{}: {e}", path.display())))?;
+            if !meta.is_file() || meta.len() > MAX_KEY_FILE_BYTES {
+                return Err(invalid(
+                    "hash-key-file",
+                    format!(
+                        "{}: must be a regular file of at most {MAX_KEY_FILE_BYTES} bytes",
+                        path.display()
+                    ),
+                ));
+            }
+            let bytes = std::fs::read(path)
+                .map_err(|e| invalid("hash-key-file", format!("{}: {e}", path.display())))?;
+            let key = HashKey::from_file_bytes(&bytes);
+            if key.is_empty() {
+                return Err(invalid(
+                    "hash-key-file",
+                    format!(
+                        "{} is empty; the key must have at least one byte",
+                        path.display()
+                    ),
+                ));
+            }
+            Some(key)
+        }
+        None if any_hash => {
+            return Err(invalid(
+                "hash-key-file",
+                "hash-visitor-ids needs hash-key-file: the HMAC key, the same on every relay"
+                    .into(),
+            ));
+        }
+        None => None,
+    };
+    let default = PrivacyRule {
+        attributes: attribute_rule("relay-wide", drop, allow)?.unwrap_or_default(),
+        hash_visitor_ids: if hash { key.clone() } else { None },
+    };
+    let mut rules = PrivacyRules {
+        default: default.clone(),
+        accounts: Default::default(),
+    };
+    for a in accounts.map(|t| t.account.as_slice()).unwrap_or_default() {
+        let id = a.account_id.trim();
+        if id.is_empty() {
+            return Err(invalid(
+                "privacy.account",
+                "an [[privacy.account]] table has a blank account-id".into(),
+            ));
+        }
+        let scope = format!("[[privacy.account]] {id}");
+        let attributes = attribute_rule(
+            &scope,
+            a.drop_attributes.as_deref(),
+            a.allow_attributes.as_deref(),
+        )?
+        .unwrap_or_else(|| default.attributes.clone());
+        let hash_visitor_ids = match a.hash_visitor_ids {
+            Some(true) => key.clone(),
+            Some(false) => None,
+            None => default.hash_visitor_ids.clone(),
+        };
+        let rule = PrivacyRule {
+            attributes,
+            hash_visitor_ids,
+        };
+        if rules.accounts.insert(id.to_owned(), rule).is_some() {
+            return Err(invalid(
+                "privacy.account",
+                format!("account-id {id} has two [[privacy.account]] tables"),
+            ));
+        }
+    }
+    Ok(rules)
 }

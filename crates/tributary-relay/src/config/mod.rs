@@ -25,8 +25,8 @@ mod settings;
 mod tests;
 
 pub use settings::{
-    DEFAULT_MAX_CONNECTIONS, HumanDuration, LayeredSettings, RelaySettings, described_default,
-    document_defaults,
+    AccountPrivacy, DEFAULT_MAX_CONNECTIONS, HumanDuration, LayeredSettings, PrivacyTable,
+    RelaySettings, described_default, document_defaults,
 };
 /// How appends are made durable in the SQLite spool (the spool crate's own type).
 pub use tributary_spool::SyncMode;
@@ -113,6 +113,35 @@ pub struct RelayConfig {
     pub sqs_receivers: usize,
     /// SQS message size limit.
     pub sqs_max_message_bytes: usize,
+    /// Attributes removed (privacy), relay-wide.
+    pub drop_attributes: Option<Vec<String>>,
+    /// Attributes kept (privacy), relay-wide.
+    pub allow_attributes: Option<Vec<String>>,
+    /// Visitor ids replaced by their HMAC, relay-wide.
+    pub hash_visitor_ids: bool,
+    /// The HMAC key's file (the key itself is never printed).
+    pub hash_key_file: Option<PathBuf>,
+    /// Duplicate-filter window; zero: off.
+    #[serde(with = "human")]
+    pub dedup_window: Duration,
+    /// Duplicate-filter uuids in memory.
+    pub dedup_cache_uuids: usize,
+    /// Duplicate-filter uuids on disk.
+    pub dedup_max_uuids: u64,
+    /// Pending bytes per account before 429.
+    pub max_pending_bytes_per_account: Option<u64>,
+    /// Requests per second per bearer token.
+    pub token_rate_limit: Option<f64>,
+    /// Token-bucket size per bearer token.
+    pub token_burst: Option<u32>,
+    /// Accounts with a metric label of their own, besides the per-account tables'.
+    pub max_account_labels: usize,
+    /// The rules resolved: relay-wide and per account, with the key read.
+    #[serde(skip)]
+    pub privacy_rules: crate::privacy::PrivacyRules,
+    /// Per-account privacy rules as the file gave them (printed last: a TOML table).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyTable>,
 }
 
 fn redacted<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -210,6 +239,25 @@ impl LayeredSettings {
             sqs_wait_time: self.sqs_wait_time,
             sqs_receivers: self.sqs_receivers,
             sqs_max_message_bytes: self.sqs_max_message_bytes,
+            privacy_rules: files::privacy_rules(
+                self.drop_attributes.as_deref(),
+                self.allow_attributes.as_deref(),
+                self.hash_visitor_ids,
+                self.hash_key_file.as_deref(),
+                self.privacy.as_ref(),
+            )?,
+            drop_attributes: self.drop_attributes,
+            allow_attributes: self.allow_attributes,
+            hash_visitor_ids: self.hash_visitor_ids,
+            hash_key_file: self.hash_key_file,
+            dedup_window: self.dedup_window,
+            dedup_cache_uuids: self.dedup_cache_uuids,
+            dedup_max_uuids: self.dedup_max_uuids,
+            max_pending_bytes_per_account: self.max_pending_bytes_per_account,
+            token_rate_limit: self.token_rate_limit,
+            token_burst: self.token_burst,
+            max_account_labels: self.max_account_labels,
+            privacy: self.privacy,
         };
         config.check()?;
         Ok(config)

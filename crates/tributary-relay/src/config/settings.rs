@@ -234,6 +234,86 @@ pub struct RelaySettings {
     /// created since 2025 accept up to 1048576.
     #[arg(long, env = "TRIBUTARY_SQS_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub sqs_max_message_bytes: Option<usize>,
+
+    /// Privacy: visitor attributes with these keys are removed before anything is
+    /// spooled. Not with allow-attributes.
+    #[arg(
+        long,
+        env = "TRIBUTARY_DROP_ATTRIBUTES",
+        value_name = "KEY,...",
+        value_delimiter = ','
+    )]
+    pub drop_attributes: Option<Vec<String>>,
+
+    /// Privacy: only visitor attributes with these keys (and the SDKs' reserved `$opt_*`)
+    /// are kept. Not with drop-attributes.
+    #[arg(
+        long,
+        env = "TRIBUTARY_ALLOW_ATTRIBUTES",
+        value_name = "KEY,...",
+        value_delimiter = ','
+    )]
+    pub allow_attributes: Option<Vec<String>>,
+
+    /// Privacy: replace each visitor_id by the lowercase hex HMAC-SHA256 of it under the
+    /// key in hash-key-file, the same on every relay with the same key.
+    #[arg(
+        long,
+        env = "TRIBUTARY_HASH_VISITOR_IDS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub hash_visitor_ids: Option<bool>,
+
+    /// Privacy: the HMAC key for hash-visitor-ids: the file's bytes, without a trailing
+    /// newline.
+    #[arg(long, env = "TRIBUTARY_HASH_KEY_FILE", value_name = "FILE")]
+    pub hash_key_file: Option<PathBuf>,
+
+    /// Drop an event whose uuid the relay accepted within this long (a retry after a
+    /// lost acknowledgement); 0s turns the filter off. Durable on the SQLite spool.
+    #[arg(long, env = "TRIBUTARY_DEDUP_WINDOW", value_name = "DURATION")]
+    pub dedup_window: Option<HumanDuration>,
+
+    /// Most event uuids the duplicate filter keeps in memory (about 100 bytes each).
+    #[arg(long, env = "TRIBUTARY_DEDUP_CACHE_UUIDS", value_name = "N")]
+    pub dedup_cache_uuids: Option<usize>,
+
+    /// Most event uuids the duplicate filter keeps on disk (dedup.db beside the spool,
+    /// about 60 bytes each); the oldest go first.
+    #[arg(long, env = "TRIBUTARY_DEDUP_MAX_UUIDS", value_name = "N")]
+    pub dedup_max_uuids: Option<u64>,
+
+    /// Fair share: once an account_id's pending payloads would pass this many bytes, its
+    /// requests get 429 + Retry-After while other accounts are still accepted. SQLite
+    /// spool only.
+    #[arg(
+        long,
+        env = "TRIBUTARY_MAX_PENDING_BYTES_PER_ACCOUNT",
+        value_name = "BYTES"
+    )]
+    pub max_pending_bytes_per_account: Option<u64>,
+
+    /// Fair share: requests per second each bearer token may send (a token bucket); past
+    /// it, 429 + Retry-After. Needs auth-tokens.
+    #[arg(long, env = "TRIBUTARY_TOKEN_RATE_LIMIT", value_name = "REQ/S")]
+    pub token_rate_limit: Option<f64>,
+
+    /// Fair share: requests a token may send at once above its rate (the bucket's size).
+    #[arg(long, env = "TRIBUTARY_TOKEN_BURST", value_name = "N")]
+    pub token_burst: Option<u32>,
+
+    /// Metrics: distinct account_id values that get a label of their own (besides the
+    /// accounts of [[privacy.account]] tables, which always do); later ones are counted
+    /// under account="other", so a client cannot grow /metrics without bound.
+    #[arg(long, env = "TRIBUTARY_MAX_ACCOUNT_LABELS", value_name = "N")]
+    pub max_account_labels: Option<usize>,
+
+    /// Privacy rules of single accounts, from the file only (`[[privacy.account]]`).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyTable>,
 }
 
 /// Client connections at once when `max-connections` is not set, if the open-file limit
@@ -324,6 +404,65 @@ pub struct LayeredSettings {
     pub sqs_receivers: usize,
     /// [`RelaySettings::sqs_max_message_bytes`].
     pub sqs_max_message_bytes: usize,
+    /// [`RelaySettings::drop_attributes`].
+    pub drop_attributes: Option<Vec<String>>,
+    /// [`RelaySettings::allow_attributes`].
+    pub allow_attributes: Option<Vec<String>>,
+    /// [`RelaySettings::hash_visitor_ids`].
+    pub hash_visitor_ids: bool,
+    /// [`RelaySettings::hash_key_file`].
+    pub hash_key_file: Option<PathBuf>,
+    /// [`RelaySettings::dedup_window`].
+    #[serde(with = "human")]
+    pub dedup_window: Duration,
+    /// [`RelaySettings::dedup_cache_uuids`].
+    pub dedup_cache_uuids: usize,
+    /// [`RelaySettings::dedup_max_uuids`].
+    pub dedup_max_uuids: u64,
+    /// [`RelaySettings::max_pending_bytes_per_account`].
+    pub max_pending_bytes_per_account: Option<u64>,
+    /// [`RelaySettings::token_rate_limit`].
+    pub token_rate_limit: Option<f64>,
+    /// [`RelaySettings::token_burst`].
+    pub token_burst: Option<u32>,
+    /// [`RelaySettings::max_account_labels`].
+    pub max_account_labels: usize,
+    /// [`RelaySettings::privacy`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyTable>,
+}
+
+/// `[privacy]` in the config file: rules for single accounts.
+///
+/// ```toml
+/// drop-attributes = ["email"]          # every account
+///
+/// [[privacy.account]]
+/// account-id = "12133785640"
+/// allow-attributes = ["country"]       # this account: only country (and $opt_*)
+/// hash-visitor-ids = true
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PrivacyTable {
+    /// One table per account.
+    #[serde(default)]
+    pub account: Vec<AccountPrivacy>,
+}
+
+/// `[[privacy.account]]`: what it sets replaces the relay-wide rule for that account; what
+/// it leaves out is the relay-wide rule.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AccountPrivacy {
+    /// The `account_id` the rules are for.
+    pub account_id: String,
+    /// As drop-attributes, for this account.
+    pub drop_attributes: Option<Vec<String>>,
+    /// As allow-attributes, for this account.
+    pub allow_attributes: Option<Vec<String>>,
+    /// As hash-visitor-ids, for this account (the key is the relay's hash-key-file).
+    pub hash_visitor_ids: Option<bool>,
 }
 
 impl Default for LayeredSettings {
@@ -367,6 +506,18 @@ impl Default for LayeredSettings {
             sqs_wait_time: sqs.wait_time,
             sqs_receivers: sqs.receivers,
             sqs_max_message_bytes: sqs.max_message_bytes,
+            drop_attributes: None,
+            allow_attributes: None,
+            hash_visitor_ids: false,
+            hash_key_file: None,
+            dedup_window: crate::dedup::DEFAULT_WINDOW,
+            dedup_cache_uuids: crate::dedup::DEFAULT_CACHE_UUIDS,
+            dedup_max_uuids: crate::dedup::DEFAULT_MAX_UUIDS,
+            max_pending_bytes_per_account: None,
+            token_rate_limit: None,
+            token_burst: None,
+            max_account_labels: crate::account_labels::DEFAULT_MAX_ACCOUNT_LABELS,
+            privacy: None,
         }
     }
 }
@@ -386,6 +537,11 @@ pub fn described_default(key: &str) -> Option<String> {
             HumanDuration(MIN_DEFAULT_LEASE)
         ),
         "sqs-dead-letter-queue" => "the target of the queue's redrive policy, if any".to_owned(),
+        "drop-attributes" | "allow-attributes" => "none: every attribute is kept".to_owned(),
+        "hash-key-file" => "none".to_owned(),
+        "max-pending-bytes-per-account" => "none: no quota per account".to_owned(),
+        "token-rate-limit" => "none: no limit per token".to_owned(),
+        "token-burst" => "the rate, at least 1".to_owned(),
         _ => return None,
     })
 }

@@ -261,3 +261,68 @@ fn defaults_are_what_the_docs_promise() {
     // Every default passes the checks.
     d.into_config().unwrap();
 }
+
+#[test]
+fn an_account_table_replaces_what_it_sets_and_keeps_the_rest() {
+    use crate::privacy::AttributeRule;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, "secret\n").unwrap();
+    let file: RelaySettings = toml::from_str(&format!(
+        "drop-attributes = [\"email\"]\nhash-visitor-ids = true\nhash-key-file = {:?}\n\n\
+         [[privacy.account]]\naccount-id = \"1\"\nallow-attributes = [\"country\"]\n\n\
+         [[privacy.account]]\naccount-id = \"2\"\nhash-visitor-ids = false\n",
+        key.to_str().unwrap()
+    ))
+    .unwrap();
+    let c = RelaySettings::default().resolve(file).unwrap();
+    let rules = &c.privacy_rules;
+    let one = rules.for_account("1");
+    assert!(matches!(&one.attributes, AttributeRule::Allow(k) if k.contains("country")));
+    assert!(
+        one.hash_visitor_ids.is_some(),
+        "account 1 keeps the relay-wide hashing"
+    );
+    let two = rules.for_account("2");
+    assert!(matches!(&two.attributes, AttributeRule::Drop(k) if k.contains("email")));
+    assert!(two.hash_visitor_ids.is_none());
+    let other = rules.for_account("3");
+    assert_eq!(
+        other.hash_visitor_ids.as_ref().unwrap().hash("v"),
+        crate::privacy::HashKey::from_file_bytes(b"secret").hash("v")
+    );
+    // The key never shows in what the relay prints.
+    assert!(!c.to_toml().unwrap().contains("secret\""));
+    assert!(!format!("{c:?}").contains("secret\""));
+}
+
+#[test]
+fn privacy_and_fair_share_mistakes_are_named() {
+    let twice: RelaySettings = toml::from_str(
+        "[[privacy.account]]\naccount-id = \"1\"\n[[privacy.account]]\naccount-id = \"1\"\n",
+    )
+    .unwrap();
+    assert!(refused(twice, "privacy.account").contains("two [[privacy.account]]"));
+    let hash_without_key: RelaySettings =
+        toml::from_str("[[privacy.account]]\naccount-id = \"1\"\nhash-visitor-ids = true\n")
+            .unwrap();
+    refused(hash_without_key, "hash-key-file");
+    let sqs_quota = RelaySettings {
+        spool: Some("sqs://q".into()),
+        max_pending_bytes_per_account: Some(1 << 20),
+        ..Default::default()
+    };
+    refused(sqs_quota, "max-pending-bytes-per-account");
+    let burst_alone = RelaySettings {
+        token_burst: Some(3),
+        ..Default::default()
+    };
+    refused(burst_alone, "token-burst");
+    let window = RelaySettings {
+        dedup_window: Some("90days".parse().unwrap()),
+        ..Default::default()
+    };
+    refused(window, "dedup-window");
+    let labels: RelaySettings = toml::from_str("max-account-labels = 1000000\n").unwrap();
+    refused(labels, "max-account-labels");
+}

@@ -154,6 +154,10 @@ pub struct RelayProcess {
     /// Address it listens on (for `serve`).
     pub addr: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
+    /// The thread copying stderr into `log`; joined once the process has exited, so the
+    /// log is complete (the lines written just before the exit may still be in the pipe
+    /// when `try_wait` reports it).
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RelayProcess {
@@ -243,7 +247,7 @@ impl RelayProcess {
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap().push(line);
@@ -253,6 +257,7 @@ impl RelayProcess {
             child: Some(child),
             addr: None,
             log,
+            reader: Some(reader),
         }
     }
 
@@ -324,6 +329,7 @@ impl RelayProcess {
             let child = self.child.as_mut().unwrap();
             if let Some(status) = child.try_wait().unwrap() {
                 self.child = None;
+                self.finish_log();
                 return status;
             }
             if Instant::now() >= deadline {
@@ -342,6 +348,16 @@ impl RelayProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        self.finish_log();
+    }
+
+    /// Waits for the stderr reader to reach the end of the pipe (the process has exited,
+    /// so its write end is closed) and so to have collected every line.
+    fn finish_log(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            // It only panics on a poisoned log, where the panic that poisoned it reports.
+            let _ = reader.join();
         }
     }
 }

@@ -12,8 +12,9 @@ use rusqlite::{Connection, OpenFlags, Transaction};
 use super::SqliteConfig;
 
 /// The on-disk format this code reads and writes (`PRAGMA user_version`). Version 2 added
-/// the conservation totals and the spool's clock to `totals`.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+/// the conservation totals and the spool's clock to `totals`; version 3 the pending bytes
+/// of each account (`account_pending`, kept by triggers).
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Small columns come first in both tables: SQLite reads a row's columns in order, and the
 /// scans that only need ids, sizes and times (retention, stats) then never touch the blob
@@ -87,13 +88,57 @@ UPDATE totals SET
     WHERE id = 0;
 ";
 
+/// Version 2 to 3: pending bytes per `account_id`, for the relay's fair share
+/// (`--max-pending-bytes-per-account`). Triggers keep it, so every statement that adds,
+/// removes or rewrites a payload row (append, ack, settle, dead-letter, retry, retention)
+/// moves it in its own transaction without code of its own, and reading one account's
+/// figure is one primary-key lookup instead of a scan. The account is the header's
+/// `account_id` (headers are JSON fragments: `"account_id":"1",...`); a header that is not
+/// valid JSON counts under `''` rather than failing the write. An account's row goes when
+/// its last pending payload does, so the table holds the accounts with something pending,
+/// not every account ever seen.
+const MIGRATE_TO_3: &str = "
+CREATE TABLE IF NOT EXISTS account_pending (
+    account TEXT PRIMARY KEY,
+    pending INTEGER NOT NULL,
+    pending_bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS account_pending_insert AFTER INSERT ON payloads BEGIN
+    INSERT INTO account_pending (account, pending, pending_bytes)
+        VALUES ((CASE WHEN json_valid('{' || CAST(NEW.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(NEW.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END), 1, NEW.bytes)
+        ON CONFLICT (account) DO UPDATE SET pending = pending + 1,
+            pending_bytes = pending_bytes + excluded.pending_bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS account_pending_delete AFTER DELETE ON payloads BEGIN
+    UPDATE account_pending SET pending = pending - 1, pending_bytes = pending_bytes - OLD.bytes
+        WHERE account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
+    DELETE FROM account_pending WHERE pending <= 0 AND account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
+END;
+CREATE TRIGGER IF NOT EXISTS account_pending_update AFTER UPDATE OF bytes, header ON payloads BEGIN
+    UPDATE account_pending SET pending = pending - 1, pending_bytes = pending_bytes - OLD.bytes
+        WHERE account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
+    DELETE FROM account_pending WHERE pending <= 0 AND account = (CASE WHEN json_valid('{' || CAST(OLD.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(OLD.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END);
+    INSERT INTO account_pending (account, pending, pending_bytes)
+        VALUES ((CASE WHEN json_valid('{' || CAST(NEW.header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(NEW.header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END), 1, NEW.bytes)
+        ON CONFLICT (account) DO UPDATE SET pending = pending + 1,
+            pending_bytes = pending_bytes + excluded.pending_bytes;
+END;
+INSERT INTO account_pending (account, pending, pending_bytes)
+    SELECT (CASE WHEN json_valid('{' || CAST(header AS TEXT) || '}') THEN COALESCE(CAST(json_extract('{' || CAST(header AS TEXT) || '}', '$.account_id') AS TEXT), '') ELSE '' END), COUNT(*), SUM(bytes) FROM payloads GROUP BY 1 HAVING 1
+    ON CONFLICT (account) DO UPDATE SET pending = excluded.pending,
+        pending_bytes = excluded.pending_bytes;
+";
+
 /// Brings a database of format `version` (older than [`SCHEMA_VERSION`]; 0 is a new file)
 /// to the current format, inside the caller's transaction.
 pub(super) fn migrate(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
     if version < 1 {
         tx.execute_batch(SCHEMA)?;
     }
-    tx.execute_batch(MIGRATE_TO_2)?;
+    if version < 2 {
+        tx.execute_batch(MIGRATE_TO_2)?;
+    }
+    tx.execute_batch(MIGRATE_TO_3)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
