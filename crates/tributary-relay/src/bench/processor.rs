@@ -34,7 +34,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tributary::{
     AttributeValue, BatchEventProcessor, Conversion, DispatchError, EventContext, EventDispatcher,
-    HttpDispatcher, Impression, LogEvent, UserEvent, UserEventKind, VisitorAttribute,
+    EventFactory, HttpDispatcher, Impression, LogEvent, UserEvent, UserEventKind, VisitorAttribute,
 };
 
 use super::relay::LoopbackSink;
@@ -132,6 +132,12 @@ struct Outcome {
     timer_overhead_ns: u64,
     elapsed_s: f64,
     events_per_s: f64,
+    /// The peer, measured in the same run just before the processor: `EventFactory` alone
+    /// serialising the same events in batches of `batch_size` on this thread.
+    factory_events_per_s: f64,
+    /// `events_per_s / factory_events_per_s`: what the pipeline keeps of the factory's rate.
+    /// Compare this, not the absolute figures, across runs on a shared machine.
+    ratio_to_factory: f64,
 }
 
 /// Runs the benchmark; exit status 1 if the processor lost track of any event.
@@ -153,6 +159,7 @@ pub fn run(args: ProcessorArgs) -> anyhow::Result<ExitCode> {
             (Peer::Http(sink), Box::new(http))
         }
     };
+    let factory_events_per_s = factory_rate(args.events, args.batch_size)?;
     let processor = Arc::new(
         BatchEventProcessor::builder()
             .dispatcher(dispatcher)
@@ -216,6 +223,8 @@ pub fn run(args: ProcessorArgs) -> anyhow::Result<ExitCode> {
         timer_overhead_ns,
         elapsed_s: elapsed.as_secs_f64(),
         events_per_s: stats.accepted as f64 / elapsed.as_secs_f64(),
+        factory_events_per_s,
+        ratio_to_factory: stats.accepted as f64 / elapsed.as_secs_f64() / factory_events_per_s,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
@@ -255,6 +264,33 @@ fn produce(
         }
     }
     (samples, dropped)
+}
+
+/// The peer: events/s of [`EventFactory::create_log_events`] alone over the same events
+/// (`events`, capped at 200,000 to bound the memory and time), in batches of `batch_size`,
+/// on the calling thread, the events freed after each batch as the processor does.
+fn factory_rate(events: usize, batch_size: usize) -> anyhow::Result<f64> {
+    let n = events.min(200_000);
+    let mut all = golden_events(0, n);
+    let factory = EventFactory::new();
+    let batch_size = batch_size.max(1);
+    let mut visitors = 0usize;
+    let started = Instant::now();
+    while !all.is_empty() {
+        let rest = all.split_off(all.len().saturating_sub(batch_size));
+        let output = factory.create_log_events(&rest);
+        visitors += output
+            .log_events
+            .iter()
+            .map(|e| e.visitor_count())
+            .sum::<usize>();
+        drop(rest);
+    }
+    let elapsed = started.elapsed();
+    if visitors != n {
+        bail!("the factory peer serialised {visitors} of {n} events");
+    }
+    Ok(n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
 }
 
 /// The median cost of taking two `Instant`s back to back.
@@ -321,6 +357,10 @@ fn print_table(o: &Outcome) {
     println!(
         "throughput: {:.0} events/s ({} events in {:.3} s, first process() to close() returning)",
         o.events_per_s, o.accepted, o.elapsed_s
+    );
+    println!(
+        "peer (same run): EventFactory alone {:.0} events/s; ratio processor/factory {:.3}",
+        o.factory_events_per_s, o.ratio_to_factory
     );
     println!(
         "accepted {}, dropped {}, dispatched {}, failed {}, requests {}, body bytes {}",
