@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Measures the relay on this machine and, in the same run, its peer: a bare axum handler
 # answering 204 (`tributary bench sink`). Prints JSON lines; BENCHMARKS.md records them.
+# Every relay line carries `ratio_to_peer`: its events/s over the peer's at the same events
+# per payload, measured minutes apart in this run. On a shared machine compare ratios across
+# runs, not the absolute figures.
 #
 #   scripts/bench_relay.sh [SECONDS]        (default 10 s per load run)
 #
@@ -19,6 +22,16 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+declare -A peer
+# with_ratio TARGET EVENTS_PER_PAYLOAD RESULT_JSON: the line, with the ratio to the peer.
+with_ratio() {
+  python3 -c 'import json,sys
+t, n, r, p = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+ratio = r["events_per_sec"] / p["events_per_sec"] if p["events_per_sec"] else None
+print(json.dumps({"target": t, "events_per_payload": n, "result": r,
+                  "peer_events_per_sec": p["events_per_sec"],
+                  "ratio_to_peer": None if ratio is None else round(ratio, 3)}))' "$1" "$2" "$3" "${peer[$2]}"
+}
 
 sink_port=$(free_port)
 "$bin" bench sink --listen "127.0.0.1:$sink_port" 2>/dev/null & pids+=($!); sink_pid=$!
@@ -26,7 +39,8 @@ wait_port "$sink_port"
 
 echo "# peer: bare axum handler answering 204"
 for n in 1 10; do
-  echo "{\"target\":\"axum-204\",\"events_per_payload\":$n,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$sink_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)}"
+  peer[$n]=$("$bin" bench relay --url "http://127.0.0.1:$sink_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)
+  echo "{\"target\":\"axum-204\",\"events_per_payload\":$n,\"result\":${peer[$n]}}"
 done
 
 relay_port=$(free_port)
@@ -35,7 +49,7 @@ RUST_LOG=warn "$bin" serve --listen "127.0.0.1:$relay_port" --spool "$work/spool
 wait_port "$relay_port"
 echo "# relay: durable ingest (SQLite spool, sync=full) while forwarding to the sink"
 for n in 1 10; do
-  echo "{\"target\":\"relay\",\"events_per_payload\":$n,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$relay_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)}"
+  with_ratio relay $n "$("$bin" bench relay --url "http://127.0.0.1:$relay_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)"
 done
 echo "# relay: latency at a fixed 5000 req/s, 1 event per payload"
 echo "{\"target\":\"relay\",\"rate\":5000,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$relay_port/v1/events" --events-per-payload 1 --connections 32 --rate 5000 --duration "${secs}s" --json)}"
@@ -47,7 +61,7 @@ for n in 1 10; do
   fill_port=$(free_port)
   RUST_LOG=warn "$bin" serve --listen "127.0.0.1:$fill_port" --spool "$work/fill$n" --no-forward & pids+=($!); fill_pid=$!
   wait_port "$fill_port"
-  echo "{\"target\":\"relay --no-forward\",\"events_per_payload\":$n,\"result\":$("$bin" bench relay --url "http://127.0.0.1:$fill_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)}"
+  with_ratio "relay --no-forward" $n "$("$bin" bench relay --url "http://127.0.0.1:$fill_port/v1/events" --events-per-payload $n --connections 32 --duration "${secs}s" --json)"
   kill "$fill_pid"; wait "$fill_pid" 2>/dev/null || true
 done
 mv "$work/fill10" "$work/fill"

@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
+use tributary::raw::ShapeError;
 use tributary::{RawBatch, RawBatchError};
 use tributary_spool::{Payload, Route, Spool, SpoolError};
 
@@ -417,18 +418,16 @@ fn decode_body(headers: &HeaderMap, raw: Bytes, limit: usize) -> Result<Bytes, I
 /// to judge. The first problem is answered, with its JSON path.
 pub fn parse_payload(body: Bytes) -> Result<RawBatch, IngestError> {
     let bad = |m: String| IngestError::new(StatusCode::BAD_REQUEST, m);
-    if let Err(problems) = tributary::validate::validate_payload_shape(&body) {
-        let first = problems.into_iter().next();
-        return Err(match first {
-            Some(p) if p.path == "$" => bad(p.message),
-            Some(p) => bad(p.message).at(p.path),
-            None => bad("invalid payload".into()),
-        });
-    }
-    RawBatch::parse(body).map_err(|e| match e {
-        RawBatchError::MissingVisitors => bad("missing".into()).at("$.visitors"),
-        RawBatchError::DuplicateField(f) => bad("duplicate field".into()).at(format!("$.{f}")),
-        RawBatchError::Json(e) => bad(format!("invalid JSON: {e}")),
+    // One pass over the body; a refused one is named exactly as the shape check names it.
+    RawBatch::parse_shape(body).map_err(|e| match e {
+        ShapeError::Shape(Some(p)) if p.path == "$" => bad(p.message),
+        ShapeError::Shape(Some(p)) => bad(p.message).at(p.path),
+        ShapeError::Shape(None) => bad("invalid payload".into()),
+        ShapeError::Batch(RawBatchError::MissingVisitors) => bad("missing".into()).at("$.visitors"),
+        ShapeError::Batch(RawBatchError::DuplicateField(f)) => {
+            bad("duplicate field".into()).at(format!("$.{f}"))
+        }
+        ShapeError::Batch(RawBatchError::Json(e)) => bad(format!("invalid JSON: {e}")),
     })
 }
 

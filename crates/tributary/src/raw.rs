@@ -14,6 +14,8 @@ use serde::Deserialize;
 use serde::de::{self, MapAccess, SeqAccess, Visitor as SerdeVisitor};
 use serde_json::value::RawValue;
 
+use crate::validate::Problem;
+
 /// The Event API's limit on one request body, in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 3_500_000;
 
@@ -32,6 +34,19 @@ pub enum RawBatchError {
     /// A top-level field appears twice.
     #[error("$.{0}: duplicate field")]
     DuplicateField(String),
+}
+
+/// Why an ingest body was refused by [`RawBatch::parse_shape`]: exactly what
+/// [`validate_payload_shape`](crate::validate::validate_payload_shape) followed by
+/// [`RawBatch::parse`] would have said.
+#[derive(Debug, thiserror::Error)]
+pub enum ShapeError {
+    /// The shape rules' first problem (`None` only if they failed without naming one).
+    #[error("{}", .0.as_ref().map_or_else(|| "invalid payload".to_owned(), ToString::to_string))]
+    Shape(Option<Problem>),
+    /// The shape is right but the body cannot be held as a [`RawBatch`].
+    #[error(transparent)]
+    Batch(RawBatchError),
 }
 
 /// One visitor that alone makes a payload larger than the limit.
@@ -89,35 +104,78 @@ impl RawBatch {
     pub fn parse(body: Bytes) -> Result<Self, RawBatchError> {
         let top: TopLevel<'_> = serde_json::from_slice(&body)?;
         let visitors_raw = top.visitors.ok_or(RawBatchError::MissingVisitors)?;
-        let mut fields = top.fields;
-        fields.sort_by(|a, b| a.0.cmp(&b.0));
-        if let Some(w) = fields.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(RawBatchError::DuplicateField(w[0].0.to_string()));
-        }
-        let mut header = Vec::with_capacity(256);
-        for (i, (key, value)) in fields.iter().enumerate() {
-            if i > 0 {
-                header.push(b',');
-            }
-            serde_json::to_writer(&mut header, key.as_ref())?;
-            header.push(b':');
-            let text = value.get();
-            if text.starts_with('{') || text.starts_with('[') {
-                // Re-encode containers so insignificant whitespace does not split contexts.
-                let v: serde_json::Value = serde_json::from_str(text)?;
-                serde_json::to_writer(&mut header, &v)?;
-            } else {
-                header.extend_from_slice(text.as_bytes());
-            }
-        }
+        let header = canonical_header(top.fields)?;
         let visitors = visitors_raw
             .iter()
             .map(|v| body.slice_ref(v.get().as_bytes()))
             .collect();
-        Ok(RawBatch {
-            header: Bytes::from(header),
-            visitors,
-        })
+        Ok(RawBatch { header, visitors })
+    }
+
+    /// Checks the shape rules of [`validate_payload_shape`](crate::validate::validate_payload_shape)
+    /// and reads the body as [`RawBatch::parse`] does, in one pass over the body (each
+    /// visitor is read once more, for its `visitor_id` and `snapshots`). This is the relay's
+    /// ingest parser: the check and the parse used to read every byte four times.
+    ///
+    /// Acceptance and the batch are exactly those of the two calls in sequence. A refused
+    /// body is handed to those two calls to name its first problem, so every message and
+    /// JSON path is theirs; refusals are rare and their cost is not on the hot path.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tributary::RawBatch;
+    /// use tributary::raw::ShapeError;
+    /// let ok = Bytes::from_static(br#"{"visitors":[{"visitor_id":"a","snapshots":[{}]}],"account_id":"9"}"#);
+    /// assert_eq!(RawBatch::parse_shape(ok.clone()).unwrap(), RawBatch::parse(ok).unwrap());
+    /// let bad = Bytes::from_static(br#"{"account_id":"9","visitors":[{"snapshots":[{}]}]}"#);
+    /// match RawBatch::parse_shape(bad) {
+    ///     Err(ShapeError::Shape(Some(p))) => assert_eq!(p.path, "$.visitors[0].visitor_id"),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// ```
+    pub fn parse_shape(body: Bytes) -> Result<Self, ShapeError> {
+        if let Some(batch) = Self::parse_shape_fast(&body) {
+            return Ok(batch);
+        }
+        // The slow path, only to name the problem the way the two-pass check always has.
+        if let Err(problems) = crate::validate::validate_payload_shape(&body) {
+            return Err(ShapeError::Shape(problems.into_iter().next()));
+        }
+        RawBatch::parse(body).map_err(ShapeError::Batch)
+    }
+
+    /// The accepting path of [`RawBatch::parse_shape`]; `None` for anything it would refuse
+    /// (or is unsure of), which then goes the slow way.
+    fn parse_shape_fast(body: &Bytes) -> Option<Self> {
+        let top: ShapeTopLevel<'_> = serde_json::from_slice(body).ok()?;
+        let account_id = top.account_id?.get();
+        if account_id.len() <= 2 || !account_id.starts_with('"') {
+            return None;
+        }
+        let visitors = top.visitors?;
+        if visitors.is_empty() {
+            return None;
+        }
+        for item in &visitors {
+            let v: FastShapeVisitor<'_> = serde_json::from_str(item.get()).ok()?;
+            let id = v.visitor_id?.get();
+            if id.len() <= 2 || !id.starts_with('"') {
+                return None;
+            }
+            let snapshots = v.snapshots?.get();
+            let rest = snapshots.strip_prefix('[')?;
+            if rest.trim_start().starts_with(']') {
+                return None;
+            }
+        }
+        let mut fields = top.fields;
+        fields.push((Cow::Borrowed("account_id"), top.account_id?));
+        let header = canonical_header(fields).ok()?;
+        let visitors = visitors
+            .iter()
+            .map(|v| body.slice_ref(v.get().as_bytes()))
+            .collect();
+        Some(RawBatch { header, visitors })
     }
 
     /// The header: every top-level field but `visitors`, comma-separated, without braces.
@@ -277,6 +335,89 @@ where
     encoded_len(header_len, bytes, count)
 }
 
+/// The header in canonical form: fields sorted by name, containers re-encoded compactly.
+/// A field that appears twice is an error.
+fn canonical_header(mut fields: Vec<(Cow<'_, str>, &RawValue)>) -> Result<Bytes, RawBatchError> {
+    fields.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(w) = fields.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(RawBatchError::DuplicateField(w[0].0.to_string()));
+    }
+    let mut header = Vec::with_capacity(256);
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            header.push(b',');
+        }
+        serde_json::to_writer(&mut header, key.as_ref())?;
+        header.push(b':');
+        let text = value.get();
+        if text.starts_with('{') || text.starts_with('[') {
+            // Re-encode containers so insignificant whitespace does not split contexts.
+            let v: serde_json::Value = serde_json::from_str(text)?;
+            serde_json::to_writer(&mut header, &v)?;
+        } else {
+            header.extend_from_slice(text.as_bytes());
+        }
+    }
+    Ok(Bytes::from(header))
+}
+
+/// The top level of a payload for [`RawBatch::parse_shape`]: `account_id` apart from the
+/// other header fields, `visitors` as the raw items of an array. Anything the shape rules
+/// would refuse (a duplicate `account_id` or `visitors`, `visitors` not an array, an item
+/// not an object) fails the parse, which sends the body the slow way.
+struct ShapeTopLevel<'a> {
+    account_id: Option<&'a RawValue>,
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    visitors: Option<Vec<&'a RawValue>>,
+}
+
+impl<'de> Deserialize<'de> for ShapeTopLevel<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> SerdeVisitor<'de> for V {
+            type Value = ShapeTopLevel<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an Event API payload object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut top = ShapeTopLevel {
+                    account_id: None,
+                    fields: Vec::with_capacity(8),
+                    visitors: None,
+                };
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "visitors" => {
+                            if top.visitors.is_some() {
+                                return Err(de::Error::duplicate_field("visitors"));
+                            }
+                            top.visitors = Some(map.next_value::<VisitorList<'de>>()?.0);
+                        }
+                        "account_id" => {
+                            if top.account_id.is_some() {
+                                return Err(de::Error::duplicate_field("account_id"));
+                            }
+                            top.account_id = Some(map.next_value::<&'de RawValue>()?);
+                        }
+                        _ => top.fields.push((key, map.next_value::<&'de RawValue>()?)),
+                    }
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The two fields of a visitor the shape rules read; a duplicate of either fails the parse.
+#[derive(Deserialize)]
+struct FastShapeVisitor<'a> {
+    #[serde(borrow)]
+    visitor_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    snapshots: Option<&'a RawValue>,
+}
+
 /// The top level of a payload, borrowed from the input.
 struct TopLevel<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
@@ -427,5 +568,136 @@ mod tests {
         let err = b.split_to_fit(50).unwrap_err();
         assert_eq!(err.index, 1);
         assert!(err.size > 50);
+    }
+
+    /// The two-pass ingest check `parse_shape` replaces: the shape rules, then `parse`.
+    fn two_pass(body: Bytes) -> Result<RawBatch, String> {
+        if let Err(problems) = crate::validate::validate_payload_shape(&body) {
+            return Err(format!("{:?}", problems.into_iter().next()));
+        }
+        RawBatch::parse(body).map_err(|e| e.to_string())
+    }
+
+    fn one_pass(body: Bytes) -> Result<RawBatch, String> {
+        RawBatch::parse_shape(body).map_err(|e| match e {
+            ShapeError::Shape(p) => format!("{p:?}"),
+            ShapeError::Batch(e) => e.to_string(),
+        })
+    }
+
+    #[test]
+    fn parse_shape_agrees_with_the_two_pass_check_on_known_cases() {
+        for body in [
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]}]}"#,
+            r#" {"visitors":[{"snapshots":[{}],"visitor_id":"a"}],"b":{"y": 1, "x":[1, 2]},"account_id":"1"} "#,
+            r#"[1]"#,
+            r#"{"account_id":"1"}"#,
+            r#"{"account_id":"","visitors":[]}"#,
+            r#"{"account_id":null,"visitors":[{"visitor_id":null,"snapshots":null}]}"#,
+            r#"{"account_id":"1","account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]}]}"#,
+            r#"{"account_id":"1","r":1,"r":2,"visitors":[{"visitor_id":"a","snapshots":[{}]}]}"#,
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","visitor_id":"b","snapshots":[{}]}]}"#,
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[ ]}]}"#,
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]},2]}"#,
+            r#"{"account_id":"1","visitors":{"visitor_id":"a"}}"#,
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]}],"visitors":[]}"#,
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]}"#,
+            "",
+        ] {
+            let body = Bytes::from(body.as_bytes().to_vec());
+            assert_eq!(one_pass(body.clone()), two_pass(body.clone()), "{body:?}");
+        }
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                r#""a""#,
+                r#""""#,
+                "1",
+                "null",
+                "[]",
+                "[{}]",
+                "[ {} ]",
+                "{}",
+                r#"{"k": [1, 2]}"#,
+                "true",
+            ])
+        }
+
+        /// An optional field: mostly a good value, sometimes any of [`value`].
+        fn field(name: &'static str, good: &'static str) -> impl Strategy<Value = Option<String>> {
+            prop_oneof![
+                3 => Just(Some(format!(r#""{name}":{good}"#))),
+                1 => value().prop_map(move |v| Some(format!(r#""{name}":{v}"#))),
+                1 => Just(None),
+            ]
+        }
+
+        /// Fields in a shuffled order, one of them now and then written twice.
+        fn object(fields: Vec<Option<String>>, dup: usize, rotate: usize) -> String {
+            let mut fields: Vec<String> = fields.into_iter().flatten().collect();
+            if let Some(f) = fields.get(dup).cloned() {
+                fields.push(f);
+            }
+            if !fields.is_empty() {
+                let n = rotate % fields.len();
+                fields.rotate_left(n);
+            }
+            format!("{{{}}}", fields.join(", "))
+        }
+
+        fn visitor() -> impl Strategy<Value = String> {
+            let good = (
+                field("visitor_id", r#""u""#),
+                field("snapshots", r#"[{"events":[]}]"#),
+                field("session_id", r#""s""#),
+                0usize..12,
+                0usize..3,
+            )
+                .prop_map(|(a, b, c, dup, rot)| object(vec![a, b, c], dup, rot));
+            prop_oneof![8 => good, 1 => value().prop_map(str::to_owned)]
+        }
+
+        fn body() -> impl Strategy<Value = String> {
+            let visitors = prop_oneof![
+                4 => prop::collection::vec(visitor(), 0..4)
+                    .prop_map(|v| Some(format!(r#""visitors":[{}]"#, v.join(", ")))),
+                1 => field("visitors", "[]"),
+            ];
+            (
+                field("account_id", r#""9""#),
+                field("region", r#""EU""#),
+                visitors,
+                0usize..12,
+                0usize..3,
+                0usize..10,
+            )
+                .prop_map(|(a, r, v, dup, rot, shape)| {
+                    let mut s = object(vec![a, r, v], dup, rot);
+                    match shape {
+                        // A top-level array, then a truncated body (a syntax error at the end).
+                        0 => s = format!("[{s}]"),
+                        1 => {
+                            s.pop();
+                        }
+                        _ => {}
+                    }
+                    s
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            /// Same acceptance, same batch, same first problem as the two-pass check.
+            #[test]
+            fn parse_shape_agrees_with_the_two_pass_check(body in body()) {
+                let bytes = Bytes::from(body.into_bytes());
+                prop_assert_eq!(one_pass(bytes.clone()), two_pass(bytes));
+            }
+        }
     }
 }

@@ -34,7 +34,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tributary::{
     AttributeValue, BatchEventProcessor, Conversion, DispatchError, EventContext, EventDispatcher,
-    HttpDispatcher, Impression, LogEvent, UserEvent, UserEventKind, VisitorAttribute,
+    EventFactory, HttpDispatcher, Impression, LogEvent, UserEvent, UserEventKind, VisitorAttribute,
 };
 
 use super::relay::LoopbackSink;
@@ -55,6 +55,10 @@ pub struct ProcessorArgs {
     /// The processor's queue_capacity.
     #[arg(long, default_value_t = 1000)]
     pub queue_capacity: usize,
+    /// The processor's dispatch_concurrency (dispatch worker threads); default: the
+    /// processor's default.
+    #[arg(long)]
+    pub dispatch_concurrency: Option<usize>,
     /// Dispatch with the real HTTP dispatcher to a loopback server that answers 204 after
     /// this long (e.g. `0ms`, `10ms`, `50ms`), instead of discarding in-process.
     #[arg(long)]
@@ -132,6 +136,12 @@ struct Outcome {
     timer_overhead_ns: u64,
     elapsed_s: f64,
     events_per_s: f64,
+    /// The peer, measured in the same run just before the processor: `EventFactory` alone
+    /// serialising the same events in batches of `batch_size` on this thread.
+    factory_events_per_s: f64,
+    /// `events_per_s / factory_events_per_s`: what the pipeline keeps of the factory's rate.
+    /// Compare this, not the absolute figures, across runs on a shared machine.
+    ratio_to_factory: f64,
 }
 
 /// Runs the benchmark; exit status 1 if the processor lost track of any event.
@@ -153,15 +163,16 @@ pub fn run(args: ProcessorArgs) -> anyhow::Result<ExitCode> {
             (Peer::Http(sink), Box::new(http))
         }
     };
-    let processor = Arc::new(
-        BatchEventProcessor::builder()
-            .dispatcher(dispatcher)
-            .batch_size(args.batch_size)
-            .queue_capacity(args.queue_capacity)
-            .close_timeout(Duration::from_secs(600))
-            .build()
-            .context("building the processor")?,
-    );
+    let factory_events_per_s = factory_rate(args.events, args.batch_size)?;
+    let mut builder = BatchEventProcessor::builder()
+        .dispatcher(dispatcher)
+        .batch_size(args.batch_size)
+        .queue_capacity(args.queue_capacity)
+        .close_timeout(Duration::from_secs(600));
+    if let Some(n) = args.dispatch_concurrency {
+        builder = builder.dispatch_concurrency(n);
+    }
+    let processor = Arc::new(builder.build().context("building the processor")?);
     let timer_overhead_ns = timer_overhead();
     let barrier = Arc::new(Barrier::new(args.threads + 1));
     let mut producers = Vec::with_capacity(args.threads);
@@ -216,6 +227,8 @@ pub fn run(args: ProcessorArgs) -> anyhow::Result<ExitCode> {
         timer_overhead_ns,
         elapsed_s: elapsed.as_secs_f64(),
         events_per_s: stats.accepted as f64 / elapsed.as_secs_f64(),
+        factory_events_per_s,
+        ratio_to_factory: stats.accepted as f64 / elapsed.as_secs_f64() / factory_events_per_s,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
@@ -255,6 +268,33 @@ fn produce(
         }
     }
     (samples, dropped)
+}
+
+/// The peer: events/s of [`EventFactory::create_log_events`] alone over the same events
+/// (`events`, capped at 200,000 to bound the memory and time), in batches of `batch_size`,
+/// on the calling thread. The requests are dropped as they are made, as a discarding
+/// dispatcher does; the events are freed after the clock stops (in the processor, the
+/// dispatch workers free them).
+fn factory_rate(events: usize, batch_size: usize) -> anyhow::Result<f64> {
+    let n = events.min(200_000);
+    let all = golden_events(0, n);
+    let factory = EventFactory::new();
+    let mut visitors = 0usize;
+    let started = Instant::now();
+    for batch in all.chunks(batch_size.max(1)) {
+        let output = factory.create_log_events(batch);
+        visitors += output
+            .log_events
+            .iter()
+            .map(|e| e.visitor_count())
+            .sum::<usize>();
+    }
+    let elapsed = started.elapsed();
+    drop(all);
+    if visitors != n {
+        bail!("the factory peer serialised {visitors} of {n} events");
+    }
+    Ok(n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
 }
 
 /// The median cost of taking two `Instant`s back to back.
@@ -321,6 +361,10 @@ fn print_table(o: &Outcome) {
     println!(
         "throughput: {:.0} events/s ({} events in {:.3} s, first process() to close() returning)",
         o.events_per_s, o.accepted, o.elapsed_s
+    );
+    println!(
+        "peer (same run): EventFactory alone {:.0} events/s; ratio processor/factory {:.3}",
+        o.factory_events_per_s, o.ratio_to_factory
     );
     println!(
         "accepted {}, dropped {}, dispatched {}, failed {}, requests {}, body bytes {}",
@@ -405,6 +449,7 @@ mod tests {
             batch_size: 10,
             threads: 2,
             queue_capacity: 1000,
+            dispatch_concurrency: None,
             upstream_latency: Some(HumanDuration(Duration::from_millis(5))),
             json: true,
         })
@@ -431,6 +476,7 @@ mod tests {
             batch_size: 7,
             threads: 3,
             queue_capacity: 64,
+            dispatch_concurrency: None,
             upstream_latency: None,
             json: true,
         })
@@ -442,6 +488,7 @@ mod tests {
                 batch_size: 7,
                 threads: 1,
                 queue_capacity: 64,
+                dispatch_concurrency: None,
                 upstream_latency: None,
                 json: false,
             })

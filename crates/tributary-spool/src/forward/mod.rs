@@ -51,6 +51,21 @@ use suspects::SUSPECTS_CAPACITY;
 pub use suspects::Suspects;
 pub use upstream::{UpstreamConfig, UpstreamHealth, Upstreams};
 
+/// The forwarder's merger on its own, for `benches/merge.rs`: packs `leased` as one
+/// forwarding cycle does (grouped by route and header, cut at `config`'s limits, no
+/// suspects) and writes each request body. Returns (events, body) per upstream request.
+#[doc(hidden)]
+pub fn merge_for_bench(
+    leased: Vec<crate::Leased>,
+    config: &ForwarderConfig,
+) -> Vec<(usize, bytes::Bytes)> {
+    let suspects = Suspects::new(SUSPECTS_CAPACITY);
+    pack(leased, config, &suspects)
+        .into_iter()
+        .map(|b| (b.events(), b.body(&b.items)))
+        .collect()
+}
+
 /// Forwarder limits.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
