@@ -49,7 +49,7 @@ use deliver::Delivery;
 use pack::pack;
 use suspects::SUSPECTS_CAPACITY;
 pub use suspects::Suspects;
-pub use upstream::{UpstreamConfig, UpstreamHealth, Upstreams};
+pub use upstream::{RouteHealth, UpstreamConfig, UpstreamHealth, Upstreams};
 
 /// Forwarder limits.
 #[derive(Debug, Clone)]
@@ -184,7 +184,7 @@ impl Forwarder {
     }
 
     /// How the upstreams have been answering (for a status page).
-    pub fn upstream_health(&self) -> UpstreamHealth {
+    pub fn upstream_health(&self) -> RouteHealth {
         self.upstreams.health()
     }
 
