@@ -24,8 +24,8 @@
 //! | `forwarded_events_total` | counter | visitors delivered upstream |
 //! | `upstream_batch_events`, `upstream_batch_bytes` | histogram | merged batch sizes |
 //! | `upstream_latency_seconds` | histogram | one upstream send, its in-request retries included |
-//! | `upstream_consecutive_failures` | gauge | transient upstream failures in a row (no answer, timeout, 5xx, 408, 429); 0 once it answers |
-//! | `upstream_last_success_timestamp_seconds` | gauge | Unix time of the last 2xx from the upstream (absent until one) |
+//! | `upstream_consecutive_failures` | gauge, `route` (`us`, `eu`) | transient failures in a row of that route's upstream (no answer, timeout, 5xx, 408, 429); 0 once it answers |
+//! | `upstream_last_success_timestamp_seconds` | gauge, `route` | Unix time of the last 2xx from that route's upstream (absent until one) |
 //! | `spool_max_bytes` | gauge | the SQLite spool's size limit (`--spool-max-bytes`), for "near full" alerts |
 
 use std::sync::Arc;
