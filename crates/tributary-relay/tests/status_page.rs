@@ -218,7 +218,20 @@ fn dead_letter_actions_need_the_token_a_json_body_and_a_post() {
     assert!(body.contains("no dead letters selected"), "{body}");
     let (code, _) = get(&url);
     assert_eq!(code, 405, "a GET changes nothing");
-    assert_eq!(spool_stats(&spool)["dead_letters"], 3);
+    let stats = spool_stats(&spool);
+    assert_eq!(stats["dead_letters"], 3);
+    // What --spool-max-bytes counts, and the near-full alert reads: pending and dead bytes.
+    let dead_bytes = stats["dead_bytes"].as_u64().unwrap();
+    assert!(dead_bytes > 0, "{stats}");
+    let held = (stats["pending_bytes"].as_u64().unwrap() + dead_bytes) as f64;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (_, metrics) = get(&relay.url("/metrics"));
+            support::metric(&metrics, "tributary_spool_held_bytes") == held
+        }),
+        "tributary_spool_held_bytes never showed {held}: {}",
+        get(&relay.url("/metrics")).1
+    );
 
     let (code, body) = post(
         &url,
@@ -261,6 +274,13 @@ fn on_sqs_without_a_dead_letter_queue_the_status_page_still_answers() {
     assert_eq!(report["backlog_counted"], false, "{report}");
     let (code, body) = get(&relay.url("/status"));
     assert_eq!(code, 200, "{body}");
+    // --spool-max-bytes bounds no SQS spool: no limit for an alert to compare against.
+    let (code, metrics) = get(&relay.url("/metrics"));
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.contains("tributary_spool_ready") && !metrics.contains("tributary_spool_max_bytes"),
+        "{metrics}"
+    );
 }
 
 #[test]

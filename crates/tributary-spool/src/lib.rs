@@ -180,6 +180,9 @@ pub struct SpoolStats {
     pub oldest_age_ms: u64,
     /// Dead letters.
     pub dead_letters: u64,
+    /// Their total size in bytes (0, meaning unknown, on SQS). The SQLite spool's
+    /// `max_bytes` limit counts `pending_bytes + dead_bytes`.
+    pub dead_bytes: u64,
 }
 
 /// Which dead letters an operation applies to.
