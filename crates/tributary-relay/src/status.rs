@@ -37,6 +37,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{Semaphore, watch};
 use tributary_spool::forward::{Forwarder, RouteHealth};
@@ -62,7 +63,9 @@ pub struct StatusState {
     forwarder: Arc<Forwarder>,
     forwarding: bool,
     backlog_counted: bool,
-    auth_tokens: Vec<String>,
+    /// SHA-256 of each accepted token: compared digest to digest, so the time a compare
+    /// takes tells nothing of a token's length or content.
+    auth_digests: Vec<[u8; 32]>,
     history: Mutex<VecDeque<Sample>>,
     /// One report built at a time; the last one, reused for [`REPORT_CACHE`].
     building: Semaphore,
@@ -171,7 +174,7 @@ impl StatusState {
             forwarder,
             forwarding,
             backlog_counted,
-            auth_tokens,
+            auth_digests: auth_tokens.iter().map(|t| digest(t)).collect(),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_SAMPLES)),
             building: Semaphore::new(1),
             cached: Mutex::new(None),
@@ -294,7 +297,7 @@ impl StatusState {
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), StatusError> {
-        if self.auth_tokens.is_empty() {
+        if self.auth_digests.is_empty() {
             return Ok(());
         }
         let given = headers
@@ -307,9 +310,11 @@ impl StatusState {
             .ok_or(StatusError::Unauthorized(
                 "missing Authorization: Bearer token",
             ))?;
-        // Every token compared, in constant time each, as ingest does.
-        let ok = self.auth_tokens.iter().fold(0u8, |acc, t| {
-            acc | u8::from(bool::from(t.as_bytes().ct_eq(given.as_bytes())))
+        // Every token's digest compared, in constant time each: equal-length inputs, so
+        // neither a token's length nor which token matched shows in the timing.
+        let given = digest(given);
+        let ok = self.auth_digests.iter().fold(0u8, |acc, t| {
+            acc | u8::from(bool::from(t.ct_eq(&given)))
         });
         if ok == 1 {
             Ok(())
@@ -331,6 +336,10 @@ impl From<DeadLetterSummary> for DeadLetterView {
             dead_at_ms: d.dead_at_ms,
         }
     }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -203,6 +203,13 @@ fn dead_letter_actions_need_the_token_a_json_body_and_a_post() {
         &[("authorization", "Bearer wrong"), json[0]],
     );
     assert_eq!(code, 401, "wrong token: {body}");
+    let longer = format!("Bearer {TOKEN}x");
+    let (code, body) = post(
+        &url,
+        r#"{"all":true}"#,
+        &[("authorization", longer.as_str()), json[0]],
+    );
+    assert_eq!(code, 401, "the token with a byte more: {body}");
     // A form post (what another site could make a browser send) is refused.
     let (code, body) = post(
         &url,
