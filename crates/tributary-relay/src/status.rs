@@ -313,9 +313,10 @@ impl StatusState {
         // Every token's digest compared, in constant time each: equal-length inputs, so
         // neither a token's length nor which token matched shows in the timing.
         let given = digest(given);
-        let ok = self.auth_digests.iter().fold(0u8, |acc, t| {
-            acc | u8::from(bool::from(t.ct_eq(&given)))
-        });
+        let ok = self
+            .auth_digests
+            .iter()
+            .fold(0u8, |acc, t| acc | u8::from(bool::from(t.ct_eq(&given))));
         if ok == 1 {
             Ok(())
         } else {

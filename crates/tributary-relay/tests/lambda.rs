@@ -398,7 +398,10 @@ fn scheduled_drain_gives_back_the_messages_received_beyond_the_byte_window() {
     );
     let acked = answer["payloads_acked"].as_u64().unwrap();
     let (visible, in_flight) = moto.queue_counts(queue);
-    assert_eq!(in_flight, 0, "messages left hidden after the answer: {answer}");
+    assert_eq!(
+        in_flight, 0,
+        "messages left hidden after the answer: {answer}"
+    );
     assert!(
         answer["leases_released_after_drain"].as_u64().unwrap() >= 1,
         "the stash was given back: {answer}"

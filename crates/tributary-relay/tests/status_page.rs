@@ -143,7 +143,10 @@ fn the_page_renders_the_spools_numbers_and_its_retry_button_moves_a_dead_letter_
     );
     assert_eq!(before["last-success-us"], "never");
     assert!(
-        before["last-failure-us"].as_str().unwrap().ends_with(" ago"),
+        before["last-failure-us"]
+            .as_str()
+            .unwrap()
+            .ends_with(" ago"),
         "{before}"
     );
     // Each region has its own health: the EU upstream was never sent to.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 use tributary_spool::{
-    DeadLetter, DeadLetterSummary, Leased, PartialSettlement, Payload, Receipt, Selection, Spool, SpoolError,
-    SpoolStats,
+    DeadLetter, DeadLetterSummary, Leased, PartialSettlement, Payload, Receipt, Selection, Spool,
+    SpoolError, SpoolStats,
 };
 
 use super::lock;
