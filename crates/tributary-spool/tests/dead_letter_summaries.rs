@@ -11,7 +11,7 @@ use tributary_spool::{DeadLetterSummary, Payload, Receipt, Spool, SqliteConfig, 
 
 fn payload(n: usize) -> Payload {
     Payload {
-        route: if n % 2 == 0 { "eu" } else { "us" }.into(),
+        route: if n.is_multiple_of(2) { "eu" } else { "us" }.into(),
         header: Bytes::from_static(br#""account_id":"1","project_id":"2","revision":"3""#),
         visitors: Bytes::from(format!(
             r#"{{"visitor_id":"v{n}","pad":"{}"}}"#,
