@@ -21,7 +21,24 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== apt-get install ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The prometheus package starts prometheus.service (on :9090) where systemd runs: a
+  # policy-rc.d that refuses service starts keeps the install from starting anything (it is
+  # removed again unless one was already there).
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
+  fi
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+    if [ "$own_policy" = 1 ]; then rm -f "$policy"; fi
+    echo "error: apt-get install ${missing[*]} failed" >&2
+    exit 1
+  fi
+  if [ "$own_policy" = 1 ]; then rm -f "$policy"; fi
+  # Belt and braces: never leave it enabled or running on a systemd host.
+  if [ -d /run/systemd/system ] && systemctl list-unit-files prometheus.service >/dev/null 2>&1; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 
 TRIBUTARY_PYTHON="$(scripts/setup-python.sh)"

@@ -41,6 +41,10 @@ use crate::config::{HumanDuration, RelayConfig, RelaySettings};
 /// The message attribute the SQS spool stores a payload's route in (`us`, `eu`).
 pub const ROUTE_ATTRIBUTE: &str = "route";
 
+/// Scheduled mode stops its release calls this long before the invocation's deadline, to
+/// answer in time.
+const SETTLE_SPARE: Duration = Duration::from_millis(200);
+
 /// What each invocation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LambdaMode {
@@ -179,21 +183,48 @@ async fn scheduled(config: RelayConfig, margin: Duration) -> anyhow::Result<()> 
         async move {
             let stop = stop_before(event.context.deadline, margin);
             tracked.take_acked();
-            let summary = forwarder.drain(stop).await?;
-            // A receive cut short by the deadline may still have leased messages: wait for
-            // it, then release whatever no one settled.
+            let drained = forwarder.drain(stop).await;
+            // Settled whatever the drain ended with, an error too: a receive cut short by
+            // the deadline may still have leased messages, and the spool may hold received
+            // messages it never handed out. Waiting ends half-way into the margin, the
+            // release calls shortly before the deadline, so the answer is in time.
             let deadline = Instant::now()
                 + Duration::from_millis(event.context.deadline.saturating_sub(now_ms()));
-            let released_late = tracked.settle_leftovers(deadline).await?;
+            let wait_until = deadline.checked_sub(margin / 2).unwrap_or(stop).max(stop);
+            let give_up = deadline
+                .checked_sub(SETTLE_SPARE)
+                .unwrap_or(wait_until)
+                .max(wait_until);
+            let released_late = match tracked.settle_leftovers(wait_until, give_up).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leftover leases not all released; they come back when their lease runs out");
+                    0
+                }
+            };
+            let summary = drained?;
             let acked = tracked.take_acked();
-            let stats = spool.stats().await?;
             let stopped_early = Instant::now() >= stop;
+            // Counts are for the log and the answer only: skipped past the stop time, and
+            // never a reason to fail an invocation that delivered.
+            let stats = if stopped_early {
+                None
+            } else {
+                match tokio::time::timeout_at(give_up.into(), spool.stats()).await {
+                    Ok(Ok(s)) => Some(s),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "spool stats unavailable after the drain");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            };
             tracing::info!(
                 request_id = %event.context.request_id,
                 events = summary.events_delivered,
                 retried = summary.payloads_retried,
                 dead = summary.payloads_dead,
-                pending = stats.pending,
+                pending = stats.as_ref().map(|s| s.pending),
                 stopped_early,
                 "scheduled drain done"
             );

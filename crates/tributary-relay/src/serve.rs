@@ -220,6 +220,7 @@ impl Relay {
             spool.clone(),
             forwarder.clone(),
             forward,
+            !config.spool.starts_with("sqs://"),
             config.auth_tokens.clone(),
         );
         let app = app.merge(crate::status::router(status.clone()));

@@ -10,7 +10,16 @@
 //!
 //! The POSTs are protected like ingest: with `--auth-tokens` set they need
 //! `Authorization: Bearer TOKEN`. They take only `application/json` bodies, so a form on
-//! another site cannot post them from an operator's browser; nothing changes on a GET.
+//! another site cannot post them from an operator's browser. A GET changes nothing: on an
+//! SQS spool the dead letters are only counted (listing them would mean receiving from the
+//! dead-letter queue, which hides the messages and counts a receive against each; use
+//! `tributary spool dead-letters list`), and the backlog's events, bytes and age show as
+//! unknown, since SQS does not count them.
+//!
+//! The GETs are unauthenticated, so what one costs is bounded: the report lists at most
+//! [`DEAD_LETTERS_SHOWN`] dead letters as summaries (no bodies; reasons cut to
+//! [`DeadLetterSummary::MAX_REASON_CHARS`]), one report is built at a time, and a report
+//! is reused for [`REPORT_CACHE`].
 //!
 //! ```text
 //! curl -s -X POST -H 'authorization: Bearer TOKEN' -H 'content-type: application/json' \
@@ -20,7 +29,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -28,10 +37,11 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::watch;
-use tributary_spool::forward::{Forwarder, UpstreamHealth};
-use tributary_spool::{Selection, Spool, SpoolStats};
+use tokio::sync::{Semaphore, watch};
+use tributary_spool::forward::{Forwarder, RouteHealth};
+use tributary_spool::{DeadLetterSummary, Selection, Spool, SpoolStats};
 
 /// Time between two samples of the history behind the chart.
 pub const HISTORY_INTERVAL: Duration = Duration::from_secs(10);
@@ -41,6 +51,8 @@ pub const HISTORY_SAMPLES: usize = 360;
 pub const DEAD_LETTERS_SHOWN: usize = 100;
 /// Largest body the dead-letter POSTs read (a list of ids).
 pub const MAX_ACTION_BODY_BYTES: usize = 64 * 1024;
+/// How long one report answers the GETs: a burst of polls costs one spool read.
+pub const REPORT_CACHE: Duration = Duration::from_secs(1);
 
 const PAGE: &str = include_str!("status.html");
 
@@ -50,8 +62,14 @@ pub struct StatusState {
     spool: Arc<dyn Spool>,
     forwarder: Arc<Forwarder>,
     forwarding: bool,
-    auth_tokens: Vec<String>,
+    backlog_counted: bool,
+    /// SHA-256 of each accepted token: compared digest to digest, so the time a compare
+    /// takes tells nothing of a token's length or content.
+    auth_digests: Vec<[u8; 32]>,
     history: Mutex<VecDeque<Sample>>,
+    /// One report built at a time; the last one, reused for [`REPORT_CACHE`].
+    building: Semaphore,
+    cached: Mutex<Option<(Instant, StatusReport)>>,
 }
 
 /// One point of the history.
@@ -88,18 +106,26 @@ pub struct StatusReport {
     pub not_accepting_reason: Option<String>,
     /// Whether this relay forwards (false for `serve --no-forward`).
     pub forwarding: bool,
-    /// How the upstream has been answering.
-    pub upstream: UpstreamHealth,
+    /// How each region's upstream has been answering (`us`, `eu`).
+    pub upstream: RouteHealth,
     /// What the spool holds.
     pub spool: SpoolStats,
+    /// Whether the spool counts its backlog's events, bytes and age (false on SQS, whose
+    /// `pending_events`, `pending_bytes` and `oldest_age_ms` are then 0 and mean unknown).
+    pub backlog_counted: bool,
     /// The latest rates (from the last two samples), events per second.
     pub ingest_per_sec: Option<f64>,
     /// As `ingest_per_sec`, for deliveries.
     pub delivered_per_sec: Option<f64>,
     /// Oldest first, at most [`HISTORY_SAMPLES`].
     pub history: Vec<Sample>,
-    /// The oldest [`DEAD_LETTERS_SHOWN`] dead letters (without their bodies).
-    pub dead_letters: Vec<DeadLetterView>,
+    /// The oldest [`DEAD_LETTERS_SHOWN`] dead letters (without their bodies); `None` when
+    /// the spool cannot list them without changing them (SQS: `spool.dead_letters` has the
+    /// count) or listing failed.
+    pub dead_letters: Option<Vec<DeadLetterView>>,
+    /// Why the dead letters could not be listed, when they could not (the rest of the
+    /// report stands).
+    pub dead_letters_error: Option<String>,
 }
 
 /// A dead letter as the page lists it: no body, so no visitor data.
@@ -107,7 +133,7 @@ pub struct StatusReport {
 pub struct DeadLetterView {
     /// Id for retry or purge.
     pub id: String,
-    /// Why it was set aside.
+    /// Why it was set aside, at most [`DeadLetterSummary::MAX_REASON_CHARS`] characters.
     pub reason: String,
     /// Visitors in it.
     pub events: u32,
@@ -134,19 +160,24 @@ pub struct DeadLetterAction {
 }
 
 impl StatusState {
-    /// State for the status routes of a relay.
+    /// State for the status routes of a relay. `backlog_counted` is false for a spool whose
+    /// stats do not count pending events, bytes and age (SQS).
     pub fn new(
         spool: Arc<dyn Spool>,
         forwarder: Arc<Forwarder>,
         forwarding: bool,
+        backlog_counted: bool,
         auth_tokens: Vec<String>,
     ) -> Arc<StatusState> {
         Arc::new(StatusState {
             spool,
             forwarder,
             forwarding,
-            auth_tokens,
+            backlog_counted,
+            auth_digests: auth_tokens.iter().map(|t| digest(t)).collect(),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_SAMPLES)),
+            building: Semaphore::new(1),
+            cached: Mutex::new(None),
         })
     }
 
@@ -198,28 +229,55 @@ impl StatusState {
         });
     }
 
-    /// The report `GET /status.json` answers.
+    /// The report `GET /status.json` answers: one built within [`REPORT_CACHE`] if there is
+    /// one, else a new one (one at a time). Only the spool's stats are needed; the dead
+    /// letters are best-effort.
     pub async fn report(&self) -> Result<StatusReport, tributary_spool::SpoolError> {
+        let fresh = |cached: &Mutex<Option<(Instant, StatusReport)>>| {
+            lock(cached)
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < REPORT_CACHE)
+                .map(|(_, r)| r.clone())
+        };
+        if let Some(r) = fresh(&self.cached) {
+            return Ok(r);
+        }
+        let _permit = self
+            .building
+            .acquire()
+            .await
+            .map_err(|_| tributary_spool::SpoolError::Closed)?;
+        // Someone else may have built one while this request waited.
+        if let Some(r) = fresh(&self.cached) {
+            return Ok(r);
+        }
+        let report = self.build_report().await?;
+        *lock(&self.cached) = Some((Instant::now(), report.clone()));
+        Ok(report)
+    }
+
+    /// Drops the cached report, so the next GET reads the spool (after a retry or purge).
+    fn invalidate(&self) {
+        *lock(&self.cached) = None;
+    }
+
+    async fn build_report(&self) -> Result<StatusReport, tributary_spool::SpoolError> {
         let spool = self.spool.stats().await?;
         let (accepting, not_accepting_reason) = match self.spool.check_ready().await {
             Ok(()) => (true, None),
             Err(e) => (false, Some(e.to_string())),
         };
-        let dead_letters = self
-            .spool
-            .dead_letters(DEAD_LETTERS_SHOWN)
-            .await?
-            .into_iter()
-            .map(|d| DeadLetterView {
-                events: d.payload.visitor_count,
-                bytes: d.payload.stored_len(),
-                route: d.payload.route.as_str().to_owned(),
-                id: d.id,
-                reason: d.reason,
-                appended_at_ms: d.appended_at_ms,
-                dead_at_ms: d.dead_at_ms,
-            })
-            .collect();
+        let (dead_letters, dead_letters_error) =
+            match self.spool.dead_letter_summaries(DEAD_LETTERS_SHOWN).await {
+                Ok(list) => (
+                    list.map(|l| l.into_iter().map(DeadLetterView::from).collect()),
+                    None,
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "status: dead letters could not be listed");
+                    (None, Some(e.to_string()))
+                }
+            };
         let history: Vec<Sample> = self.history().iter().copied().collect();
         let last = history.last();
         Ok(StatusReport {
@@ -229,15 +287,17 @@ impl StatusState {
             forwarding: self.forwarding,
             upstream: self.forwarder.upstream_health(),
             spool,
+            backlog_counted: self.backlog_counted,
             ingest_per_sec: last.and_then(|s| s.ingest_per_sec),
             delivered_per_sec: last.and_then(|s| s.delivered_per_sec),
             history,
             dead_letters,
+            dead_letters_error,
         })
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), StatusError> {
-        if self.auth_tokens.is_empty() {
+        if self.auth_digests.is_empty() {
             return Ok(());
         }
         let given = headers
@@ -250,16 +310,41 @@ impl StatusState {
             .ok_or(StatusError::Unauthorized(
                 "missing Authorization: Bearer token",
             ))?;
-        // Every token compared, in constant time each, as ingest does.
-        let ok = self.auth_tokens.iter().fold(0u8, |acc, t| {
-            acc | u8::from(bool::from(t.as_bytes().ct_eq(given.as_bytes())))
-        });
+        // Every token's digest compared, in constant time each: equal-length inputs, so
+        // neither a token's length nor which token matched shows in the timing.
+        let given = digest(given);
+        let ok = self
+            .auth_digests
+            .iter()
+            .fold(0u8, |acc, t| acc | u8::from(bool::from(t.ct_eq(&given))));
         if ok == 1 {
             Ok(())
         } else {
             Err(StatusError::Unauthorized("unknown token"))
         }
     }
+}
+
+impl From<DeadLetterSummary> for DeadLetterView {
+    fn from(d: DeadLetterSummary) -> DeadLetterView {
+        DeadLetterView {
+            id: d.id,
+            reason: d.reason,
+            events: d.visitor_count,
+            bytes: d.stored_len,
+            route: d.route.as_str().to_owned(),
+            appended_at_ms: d.appended_at_ms,
+            dead_at_ms: d.dead_at_ms,
+        }
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Samples the history every [`HISTORY_INTERVAL`] until `stop`.
@@ -371,6 +456,7 @@ async fn retry(
     state.authorize(&headers)?;
     let Json(action) = body.map_err(|e| StatusError::BadRequest(e.body_text()))?;
     let n = state.spool.retry_dead_letters(selection(action)?).await?;
+    state.invalidate();
     tracing::info!(
         dead_letters = n,
         "dead letters queued again from the status page"
@@ -386,6 +472,7 @@ async fn purge(
     state.authorize(&headers)?;
     let Json(action) = body.map_err(|e| StatusError::BadRequest(e.body_text()))?;
     let n = state.spool.purge_dead_letters(selection(action)?).await?;
+    state.invalidate();
     tracing::warn!(dead_letters = n, "dead letters purged from the status page");
     Ok(Json(serde_json::json!({ "purged": n })))
 }

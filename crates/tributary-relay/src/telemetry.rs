@@ -24,9 +24,10 @@
 //! | `forwarded_events_total` | counter | visitors delivered upstream |
 //! | `upstream_batch_events`, `upstream_batch_bytes` | histogram | merged batch sizes |
 //! | `upstream_latency_seconds` | histogram | one upstream send, its in-request retries included |
-//! | `upstream_consecutive_failures` | gauge | transient upstream failures in a row (no answer, timeout, 5xx, 408, 429); 0 once it answers |
-//! | `upstream_last_success_timestamp_seconds` | gauge | Unix time of the last 2xx from the upstream (absent until one) |
-//! | `spool_max_bytes` | gauge | the SQLite spool's size limit (`--spool-max-bytes`), for "near full" alerts |
+//! | `upstream_consecutive_failures` | gauge, `route` (`us`, `eu`) | transient failures in a row of that route's upstream (no answer, timeout, 5xx, 408, 429); 0 once it answers |
+//! | `upstream_last_success_timestamp_seconds` | gauge, `route` | Unix time of the last 2xx from that route's upstream (absent until one) |
+//! | `spool_held_bytes` | gauge | pending plus dead-letter bytes: what `--spool-max-bytes` counts (SQLite; 0 on SQS) |
+//! | `spool_max_bytes` | gauge | the SQLite spool's size limit (`--spool-max-bytes`), for "near full" alerts; not exported for an SQS spool |
 //! | `privacy_attributes_dropped_total{account}` | counter | visitor attributes removed by `--drop-attributes` / `--allow-attributes` |
 //! | `privacy_visitor_ids_hashed_total{account}` | counter | visitor ids replaced by their HMAC (`--hash-visitor-ids`) |
 //! | `privacy_visitors_rewritten_total{account}` | counter | visitors a privacy rule changed (written again) |
@@ -97,9 +98,12 @@ fn with_buckets(
         )
 }
 
-/// Exports the configured limits alerts compare against.
+/// Exports the configured limits alerts compare against: `--spool-max-bytes` bounds only
+/// a SQLite spool, so an SQS spool exports none.
 pub fn record_limits(config: &crate::config::RelayConfig) {
-    metrics::gauge!("tributary_spool_max_bytes").set(config.spool_max_bytes as f64);
+    if !config.spool.starts_with("sqs://") {
+        metrics::gauge!("tributary_spool_max_bytes").set(config.spool_max_bytes as f64);
+    }
 }
 
 /// Refreshes the spool gauges every few seconds until `stop`.
@@ -109,6 +113,9 @@ pub async fn spool_gauges(spool: Arc<dyn Spool>, mut stop: watch::Receiver<bool>
             Ok(s) => {
                 metrics::gauge!("tributary_spool_pending_payloads").set(s.pending as f64);
                 metrics::gauge!("tributary_spool_pending_bytes").set(s.pending_bytes as f64);
+                // What --spool-max-bytes counts: pending and dead letters.
+                metrics::gauge!("tributary_spool_held_bytes")
+                    .set(s.pending_bytes.saturating_add(s.dead_bytes) as f64);
                 metrics::gauge!("tributary_spool_pending_events").set(s.pending_events as f64);
                 metrics::gauge!("tributary_spool_oldest_age_seconds")
                     .set(s.oldest_age_ms as f64 / 1000.0);

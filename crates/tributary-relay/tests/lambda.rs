@@ -354,6 +354,70 @@ fn scheduled_drain_stops_before_the_deadline_with_every_lease_settled_and_loses_
 }
 
 #[test]
+fn scheduled_drain_gives_back_the_messages_received_beyond_the_byte_window() {
+    let queue = "lambda-stash";
+    queues(queue, "60", 1000);
+    let sent: Vec<String> = uuids("stash-overflowing-the-byte-window", 30);
+    let payloads: Vec<String> = sent.chunks(3).map(|c| payload("1", c)).collect();
+    assert!(
+        payloads.iter().all(|p| p.len() > 512),
+        "each payload must be more than half the 1024-byte window"
+    );
+    spool_payloads(queue, &payloads);
+    let moto = MotoServer::shared();
+    assert_eq!(moto.queue_counts(queue), (10, 0));
+
+    // A lease asks SQS for 4 messages but only one fits in the 1024-byte window: the other 3
+    // wait in the spool's stash, which the forwarder never sees. With each send taking
+    // 1.5 s and the drain stopping 1 s into a 2 s invocation, the stash is not empty then.
+    let upstream = RecordingUpstream::start_with(
+        Script::new().default_reply(Reply::no_content().delay(Duration::from_millis(1500))),
+    );
+    let api = LambdaRuntimeApi::start();
+    let env = [
+        ("TRIBUTARY_SPOOL", format!("sqs://{queue}")),
+        ("TRIBUTARY_UPSTREAM", upstream.url()),
+        ("TRIBUTARY_MAX_BATCH_EVENTS", "4".to_owned()),
+        ("TRIBUTARY_MAX_BATCH_BYTES", "1024".to_owned()),
+        ("TRIBUTARY_CONCURRENCY", "1".to_owned()),
+        ("TRIBUTARY_REQUEST_TIMEOUT", "5s".to_owned()),
+        ("TRIBUTARY_SQS_WAIT_TIME", "0s".to_owned()),
+    ];
+    let f = function(
+        &api,
+        &["--mode", "scheduled", "--settle-margin", "1s"],
+        &env,
+        None,
+    );
+    let inv = invoke(&api, &f, serde_json::json!({}), Duration::from_secs(2));
+    let answer = inv.response.clone().unwrap();
+    assert!(
+        inv.answered_at_ms <= inv.deadline_ms,
+        "answered {} ms after the deadline",
+        inv.answered_at_ms.saturating_sub(inv.deadline_ms)
+    );
+    let acked = answer["payloads_acked"].as_u64().unwrap();
+    let (visible, in_flight) = moto.queue_counts(queue);
+    assert_eq!(
+        in_flight, 0,
+        "messages left hidden after the answer: {answer}"
+    );
+    assert!(
+        answer["leases_released_after_drain"].as_u64().unwrap() >= 1,
+        "the stash was given back: {answer}"
+    );
+    assert_eq!(visible, 10 - acked, "{answer}");
+
+    let inv = invoke(&api, &f, serde_json::json!({}), Duration::from_secs(60));
+    let answer = inv.response.unwrap();
+    assert_eq!(answer["stopped_at_deadline"], false, "{answer}");
+    assert_eq!(moto.queue_counts(queue), (0, 0));
+    let delivered: HashSet<String> = delivered_uuids(&upstream.requests()).into_iter().collect();
+    let sent: HashSet<String> = sent.into_iter().collect();
+    assert_eq!(delivered, sent, "every event delivered");
+}
+
+#[test]
 fn outside_lambda_it_says_what_is_missing() {
     let (code, _, err) = support::run_cli(&["lambda", "--mode", "scheduled"]);
     assert_eq!(code, 2, "{err}");

@@ -103,8 +103,8 @@ fn start_prometheus(dir: &Path, relay: &str) -> Prometheus {
     p
 }
 
-/// The alerts Prometheus has for `name`, as (state, instance) pairs.
-fn alerts(p: &Prometheus, name: &str) -> Vec<(String, String)> {
+/// The alerts Prometheus has for `name`, as (state, instance, route) triples.
+fn alerts(p: &Prometheus, name: &str) -> Vec<(String, String, String)> {
     let (code, body) = get(&format!("{}/api/v1/alerts", p.url));
     if code != 200 {
         return Vec::new();
@@ -119,6 +119,7 @@ fn alerts(p: &Prometheus, name: &str) -> Vec<(String, String)> {
             (
                 a["state"].as_str().unwrap_or("").to_owned(),
                 a["labels"]["instance"].as_str().unwrap_or("").to_owned(),
+                a["labels"]["route"].as_str().unwrap_or("").to_owned(),
             )
         })
         .collect()
@@ -135,15 +136,21 @@ fn scraped_up(p: &Prometheus) -> bool {
 fn firing(p: &Prometheus, name: &str, instance: &str) -> bool {
     alerts(p, name)
         .iter()
-        .any(|(state, i)| state == "firing" && i == instance)
+        .any(|(state, i, _)| state == "firing" && i == instance)
 }
 
 #[test]
 fn a_real_prometheus_fires_upstream_failing_while_the_upstream_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(503)));
+    // The EU upstream delivers all along: its successes must not hide the US outage.
+    let eu = RecordingUpstream::start();
     let spool = dir.path().join("spool").display().to_string();
-    let mut relay = RelayProcess::serve(&relay_args(&upstream.url(), &spool, &[]));
+    let mut relay = RelayProcess::serve(&relay_args(
+        &upstream.url(),
+        &spool,
+        &["--eu-upstream", &eu.url()],
+    ));
     let instance = relay.addr.unwrap().to_string();
     let prometheus = start_prometheus(dir.path(), &instance);
 
@@ -155,6 +162,18 @@ fn a_real_prometheus_fires_upstream_failing_while_the_upstream_is_down() {
 
     let (code, body) = post_json(&relay.url("/v1/events"), &payload("1", &uuids("down", 5)));
     assert_eq!(code, 204, "{body}");
+    let (code, body) = post_json(
+        &relay.url("/eu/v1/events"),
+        &payload("1", &uuids("eu-up", 2)),
+    );
+    assert_eq!(code, 204, "{body}");
+    assert!(
+        eu.wait_for(
+            |reqs| reqs.iter().any(|r| r.is_success()),
+            Duration::from_secs(30)
+        ),
+        "the EU upstream never got its payload"
+    );
     assert!(
         wait_until(Duration::from_secs(60), || firing(
             &prometheus,
@@ -165,6 +184,11 @@ fn a_real_prometheus_fires_upstream_failing_while_the_upstream_is_down() {
         alerts(&prometheus, "TributaryUpstreamFailing"),
         relay.log_text()
     );
+    let routes: Vec<String> = alerts(&prometheus, "TributaryUpstreamFailing")
+        .into_iter()
+        .map(|(_, _, route)| route)
+        .collect();
+    assert_eq!(routes, ["us"], "only the US upstream is failing");
 
     upstream.set_script(Script::new().default_reply(Reply::no_content()));
     assert!(

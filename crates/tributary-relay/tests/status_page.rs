@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{RelayProcess, get, payload, post, relay_args, run_cli, uuids, wait_until};
-use tributary_testkit::{RecordingUpstream, Reply, Script};
+use tributary_testkit::{MotoServer, RecordingUpstream, Reply, Script};
 
 const TOKEN: &str = "status-test-token";
 
@@ -98,7 +98,7 @@ fn relay_with_backlog_and_dead_letters(
     assert!(
         wait_until(Duration::from_secs(30), || {
             let s = status_json(&relay);
-            s["spool"]["pending_events"] == 5 && s["upstream"]["consecutive_failures"] != 0
+            s["spool"]["pending_events"] == 5 && s["upstream"]["us"]["consecutive_failures"] != 0
         }),
         "the upstream never showed as failing with 5 events pending: {}",
         status_json(&relay)
@@ -135,16 +135,26 @@ fn the_page_renders_the_spools_numbers_and_its_retry_button_moves_a_dead_letter_
         "the page loads nothing from elsewhere"
     );
     assert_eq!(before["accepting"], "accepting");
-    assert_eq!(before["upstream-state"], "failing");
-    assert_ne!(before["consecutive-failures"], "0");
+    assert_eq!(before["upstream-state-us"], "failing");
+    assert_ne!(before["consecutive-failures-us"], "0");
     assert!(
-        before["last-error"].as_str().unwrap().contains("503"),
+        before["last-error-us"].as_str().unwrap().contains("503"),
         "{before}"
     );
-    assert_eq!(before["last-success"], "never");
+    assert_eq!(before["last-success-us"], "never");
     assert!(
-        before["last-failure"].as_str().unwrap().ends_with(" ago"),
+        before["last-failure-us"]
+            .as_str()
+            .unwrap()
+            .ends_with(" ago"),
         "{before}"
+    );
+    // Each region has its own health: the EU upstream was never sent to.
+    assert_eq!(before["upstream-state-eu"], "no sends yet", "{before}");
+    assert_eq!(before["consecutive-failures-eu"], "0", "{before}");
+    assert_eq!(
+        before["chart_lines"], 3,
+        "pending, ingest and delivery lines: {before}"
     );
     assert_eq!(before["pending-events"], "5");
     assert_eq!(
@@ -196,6 +206,13 @@ fn dead_letter_actions_need_the_token_a_json_body_and_a_post() {
         &[("authorization", "Bearer wrong"), json[0]],
     );
     assert_eq!(code, 401, "wrong token: {body}");
+    let longer = format!("Bearer {TOKEN}x");
+    let (code, body) = post(
+        &url,
+        r#"{"all":true}"#,
+        &[("authorization", longer.as_str()), json[0]],
+    );
+    assert_eq!(code, 401, "the token with a byte more: {body}");
     // A form post (what another site could make a browser send) is refused.
     let (code, body) = post(
         &url,
@@ -211,7 +228,20 @@ fn dead_letter_actions_need_the_token_a_json_body_and_a_post() {
     assert!(body.contains("no dead letters selected"), "{body}");
     let (code, _) = get(&url);
     assert_eq!(code, 405, "a GET changes nothing");
-    assert_eq!(spool_stats(&spool)["dead_letters"], 3);
+    let stats = spool_stats(&spool);
+    assert_eq!(stats["dead_letters"], 3);
+    // What --spool-max-bytes counts, and the near-full alert reads: pending and dead bytes.
+    let dead_bytes = stats["dead_bytes"].as_u64().unwrap();
+    assert!(dead_bytes > 0, "{stats}");
+    let held = (stats["pending_bytes"].as_u64().unwrap() + dead_bytes) as f64;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (_, metrics) = get(&relay.url("/metrics"));
+            support::metric(&metrics, "tributary_spool_held_bytes") == held
+        }),
+        "tributary_spool_held_bytes never showed {held}: {}",
+        get(&relay.url("/metrics")).1
+    );
 
     let (code, body) = post(
         &url,
@@ -225,4 +255,87 @@ fn dead_letter_actions_need_the_token_a_json_body_and_a_post() {
     assert_eq!(report["spool"]["dead_letters"], 0, "{report}");
     assert_eq!(report["dead_letters"].as_array().unwrap().len(), 0);
     assert!(report["history"].as_array().is_some_and(|h| !h.is_empty()));
+}
+
+/// A relay on an SQS spool (moto) whose upstream refuses everything.
+fn sqs_relay(queue: &str, upstream: &RecordingUpstream) -> RelayProcess {
+    RelayProcess::serve_with_env(
+        &relay_args(
+            &upstream.url(),
+            &format!("sqs://{queue}"),
+            &["--eu-upstream", &upstream.url(), "--sqs-wait-time", "1s"],
+        ),
+        &MotoServer::shared().aws_env(),
+    )
+}
+
+#[test]
+fn on_sqs_without_a_dead_letter_queue_the_status_page_still_answers() {
+    MotoServer::shared().create_queue("status-no-dlq", &[]);
+    let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(503)));
+    let relay = sqs_relay("status-no-dlq", &upstream);
+    let report = status_json(&relay);
+    assert_eq!(report["dead_letters"], serde_json::Value::Null, "{report}");
+    assert_eq!(
+        report["dead_letters_error"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    assert_eq!(report["backlog_counted"], false, "{report}");
+    let (code, body) = get(&relay.url("/status"));
+    assert_eq!(code, 200, "{body}");
+    // --spool-max-bytes bounds no SQS spool: no limit for an alert to compare against.
+    let (code, metrics) = get(&relay.url("/metrics"));
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.contains("tributary_spool_ready") && !metrics.contains("tributary_spool_max_bytes"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn on_sqs_a_status_get_leaves_the_dead_letter_queue_alone() {
+    let moto = MotoServer::shared();
+    moto.create_queue("status-sqs-dlq", &[]);
+    let policy = format!(
+        r#"{{"deadLetterTargetArn":"{}","maxReceiveCount":"1000"}}"#,
+        MotoServer::queue_arn("status-sqs-dlq")
+    );
+    moto.create_queue("status-sqs", &[("RedrivePolicy", &policy)]);
+    let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(400)));
+    let relay = sqs_relay("status-sqs", &upstream);
+    let (code, body) = post(
+        &relay.url("/v1/events"),
+        payload("1", &uuids("sqs-refused", 1)),
+        &[("content-type", "application/json")],
+    );
+    assert_eq!(code, 204, "{body}");
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            moto.queue_counts("status-sqs-dlq") == (1, 0)
+        }),
+        "the refused payload never reached the dead-letter queue: {}",
+        relay.log_text()
+    );
+    // Each GET past the report cache reads the spool again; none may hide the message.
+    for _ in 0..3 {
+        let report = status_json(&relay);
+        assert_eq!(report["spool"]["dead_letters"], 1, "{report}");
+        assert_eq!(report["dead_letters"], serde_json::Value::Null, "{report}");
+        assert_eq!(report["backlog_counted"], false, "{report}");
+        let (code, body) = get(&relay.url("/status"));
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            moto.queue_counts("status-sqs-dlq"),
+            (1, 0),
+            "a GET hid a dead letter"
+        );
+        let at = report["now_ms"].as_u64().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                status_json(&relay)["now_ms"].as_u64().unwrap() > at
+            }),
+            "the report cache never expired"
+        );
+    }
 }

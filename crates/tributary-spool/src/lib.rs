@@ -122,6 +122,51 @@ pub struct DeadLetter {
     pub dead_at_ms: u64,
 }
 
+/// A dead letter without its body: what a status page lists. Cheap to read (the SQLite
+/// spool does not load the bodies) and bounded: `reason` is at most
+/// [`DeadLetterSummary::MAX_REASON_CHARS`] characters.
+#[derive(Debug, Clone)]
+pub struct DeadLetterSummary {
+    /// Stable id for retry or purge.
+    pub id: String,
+    /// The payload's route.
+    pub route: Route,
+    /// Visitors in it.
+    pub visitor_count: u32,
+    /// Its stored size in bytes.
+    pub stored_len: usize,
+    /// Why it was set aside, cut to [`DeadLetterSummary::MAX_REASON_CHARS`] characters.
+    pub reason: String,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    pub appended_at_ms: u64,
+    /// When it was set aside, in milliseconds since the Unix epoch.
+    pub dead_at_ms: u64,
+}
+
+impl DeadLetterSummary {
+    /// Longest `reason` a summary carries (the full reason stays with the dead letter).
+    pub const MAX_REASON_CHARS: usize = 500;
+
+    /// `reason` cut to [`DeadLetterSummary::MAX_REASON_CHARS`] characters.
+    pub fn truncate_reason(reason: &str) -> String {
+        reason.chars().take(Self::MAX_REASON_CHARS).collect()
+    }
+}
+
+impl From<&DeadLetter> for DeadLetterSummary {
+    fn from(d: &DeadLetter) -> DeadLetterSummary {
+        DeadLetterSummary {
+            id: d.id.clone(),
+            route: d.payload.route.clone(),
+            visitor_count: d.payload.visitor_count,
+            stored_len: d.payload.stored_len(),
+            reason: DeadLetterSummary::truncate_reason(&d.reason),
+            appended_at_ms: d.appended_at_ms,
+            dead_at_ms: d.dead_at_ms,
+        }
+    }
+}
+
 /// What a spool holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SpoolStats {
@@ -137,6 +182,9 @@ pub struct SpoolStats {
     pub oldest_age_ms: u64,
     /// Dead letters.
     pub dead_letters: u64,
+    /// Their total size in bytes (0, meaning unknown, on SQS). The SQLite spool's
+    /// `max_bytes` limit counts `pending_bytes + dead_bytes`.
+    pub dead_bytes: u64,
 }
 
 /// Which dead letters an operation applies to.
@@ -247,6 +295,27 @@ pub trait Spool: Send + Sync + 'static {
 
     /// Up to `limit` dead letters, oldest first.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError>;
+
+    /// Up to `limit` dead letters, oldest first, without their bodies; `None` when this spool
+    /// cannot list them without changing them (SQS: a receive hides the messages and counts
+    /// a receive against each), so a read-only caller shows the count from
+    /// [`Spool::stats`] instead. The default reads [`Spool::dead_letters`] and drops the
+    /// bodies; spools that can skip reading the bodies override it.
+    async fn dead_letter_summaries(
+        &self,
+        limit: usize,
+    ) -> Result<Option<Vec<DeadLetterSummary>>, SpoolError> {
+        let dead = self.dead_letters(limit).await?;
+        Ok(Some(dead.iter().map(DeadLetterSummary::from).collect()))
+    }
+
+    /// Gives back to the spool, visible at once, any messages it received but has not
+    /// handed out in a lease (the SQS spool's overflow stash); returns how many. Called
+    /// before a short-lived process (a Lambda invocation) answers, so no message stays
+    /// hidden after it. The default holds none.
+    async fn release_unhanded(&self) -> Result<u64, SpoolError> {
+        Ok(0)
+    }
 
     /// Puts the selected dead letters back in the pending queue; returns how many.
     async fn retry_dead_letters(&self, which: Selection) -> Result<u64, SpoolError>;

@@ -527,6 +527,15 @@ impl Spool for SqliteSpool {
         self.call(|r| Command::DeadLetters(limit, r)).await
     }
 
+    async fn dead_letter_summaries(
+        &self,
+        limit: usize,
+    ) -> Result<Option<Vec<crate::DeadLetterSummary>>, SpoolError> {
+        self.call(|r| Command::DeadLetterSummaries(limit, r))
+            .await
+            .map(Some)
+    }
+
     async fn retry_dead_letters(&self, which: Selection) -> Result<u64, SpoolError> {
         self.chunked(which, Command::Retry).await
     }

@@ -452,6 +452,25 @@ impl Spool for SqsSpool {
         dead::list(&self.inner, limit).await
     }
 
+    /// `None`: listing means receiving from the dead-letter queue, which hides the
+    /// messages and counts a receive against each; [`Spool::stats`] has the count.
+    async fn dead_letter_summaries(
+        &self,
+        _limit: usize,
+    ) -> Result<Option<Vec<crate::DeadLetterSummary>>, SpoolError> {
+        Ok(None)
+    }
+
+    async fn release_unhanded(&self) -> Result<u64, SpoolError> {
+        let stashed = self.inner.leases.take_stash();
+        if stashed.is_empty() {
+            return Ok(0);
+        }
+        let entries = stashed.iter().map(|r| (r.0.clone(), 0)).collect();
+        calls::change_visibility(&self.inner, &self.inner.queue_url, entries).await?;
+        Ok(stashed.len() as u64)
+    }
+
     async fn retry_dead_letters(&self, which: Selection) -> Result<u64, SpoolError> {
         dead::retry(&self.inner, which).await
     }

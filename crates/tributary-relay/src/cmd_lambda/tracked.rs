@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::Notify;
 use tributary_spool::{
-    DeadLetter, Leased, PartialSettlement, Payload, Receipt, Selection, Spool, SpoolError,
-    SpoolStats,
+    DeadLetter, DeadLetterSummary, Leased, PartialSettlement, Payload, Receipt, Selection, Spool,
+    SpoolError, SpoolStats,
 };
 
 use super::lock;
@@ -49,11 +49,17 @@ impl TrackedSpool {
         }
     }
 
-    /// Waits (until `deadline`) for receives still running, then releases every lease not
-    /// settled.
-    pub(super) async fn settle_leftovers(&self, deadline: Instant) -> Result<u64, SpoolError> {
+    /// Waits (until `wait_until`) for receives still running, then releases every lease not
+    /// settled and what the spool received but never handed out (its stash). The release
+    /// calls are cut off at `give_up`, so the invocation still answers in time; what they
+    /// could not release comes back when its lease runs out.
+    pub(super) async fn settle_leftovers(
+        &self,
+        wait_until: Instant,
+        give_up: Instant,
+    ) -> Result<u64, SpoolError> {
         let (count, done) = &*self.receiving;
-        let _ = tokio::time::timeout_at(deadline.into(), async {
+        let _ = tokio::time::timeout_at(wait_until.into(), async {
             loop {
                 let notified = done.notified();
                 tokio::pin!(notified);
@@ -66,14 +72,24 @@ impl TrackedSpool {
         })
         .await;
         let left: Vec<Receipt> = lock(&self.held).drain().collect();
-        if !left.is_empty() {
-            tracing::info!(
-                payloads = left.len(),
-                "releasing leases of a receive that ended at the deadline"
-            );
-            self.inner.release(&left, Duration::ZERO).await?;
-        }
-        Ok(left.len() as u64)
+        let release = async {
+            if !left.is_empty() {
+                tracing::info!(
+                    payloads = left.len(),
+                    "releasing leases of a receive that ended at the deadline"
+                );
+                self.inner.release(&left, Duration::ZERO).await?;
+            }
+            let unhanded = self.inner.release_unhanded().await?;
+            Ok::<u64, SpoolError>(left.len() as u64 + unhanded)
+        };
+        tokio::time::timeout_at(give_up.into(), release)
+            .await
+            .unwrap_or_else(|_| {
+                Err(SpoolError::Storage(
+                    "releasing leftover leases did not finish before the deadline".to_owned(),
+                ))
+            })
     }
 }
 
@@ -141,6 +157,17 @@ impl Spool for TrackedSpool {
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
         self.inner.dead_letters(limit).await
+    }
+
+    async fn dead_letter_summaries(
+        &self,
+        limit: usize,
+    ) -> Result<Option<Vec<DeadLetterSummary>>, SpoolError> {
+        self.inner.dead_letter_summaries(limit).await
+    }
+
+    async fn release_unhanded(&self) -> Result<u64, SpoolError> {
+        self.inner.release_unhanded().await
     }
 
     async fn retry_dead_letters(&self, which: Selection) -> Result<u64, SpoolError> {

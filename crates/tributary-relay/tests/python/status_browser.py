@@ -21,8 +21,11 @@ import tempfile
 import time
 
 FIELDS = [
-    "accepting", "upstream-state", "last-success", "last-failure", "consecutive-failures",
-    "last-error",
+    "accepting",
+    "upstream-state-us", "last-success-us", "last-failure-us", "consecutive-failures-us",
+    "last-error-us",
+    "upstream-state-eu", "last-success-eu", "last-failure-eu", "consecutive-failures-eu",
+    "last-error-eu",
     "pending-events", "pending-payloads", "pending-bytes", "leased", "oldest-age",
     "ingest-rate", "delivery-rate", "dead-letter-count", "action-result",
 ]

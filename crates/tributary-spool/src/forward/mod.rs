@@ -49,7 +49,7 @@ use deliver::Delivery;
 use pack::pack;
 use suspects::SUSPECTS_CAPACITY;
 pub use suspects::Suspects;
-pub use upstream::{UpstreamConfig, UpstreamHealth, Upstreams};
+pub use upstream::{RouteHealth, UpstreamConfig, UpstreamHealth, Upstreams};
 
 /// The forwarder's merger on its own, for `benches/merge.rs`: packs `leased` as one
 /// forwarding cycle does (grouped by route and header, cut at `config`'s limits, no
@@ -199,7 +199,7 @@ impl Forwarder {
     }
 
     /// How the upstreams have been answering (for a status page).
-    pub fn upstream_health(&self) -> UpstreamHealth {
+    pub fn upstream_health(&self) -> RouteHealth {
         self.upstreams.health()
     }
 

@@ -41,10 +41,20 @@ pub struct Upstreams {
     us: String,
     eu: String,
     transport: HttpTransport,
-    health: Mutex<UpstreamHealth>,
+    health: Mutex<RouteHealth>,
 }
 
-/// How the upstreams have been answering, for a status page: kept in memory, reset on start.
+/// How each region's upstream has been answering: one outage does not hide behind the
+/// other region's successes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteHealth {
+    /// The US upstream ([`Route::US`]).
+    pub us: UpstreamHealth,
+    /// The EU upstream ([`Route::EU`]).
+    pub eu: UpstreamHealth,
+}
+
+/// How one upstream has been answering, for a status page: kept in memory, reset on start.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UpstreamHealth {
     /// When a send last succeeded (2xx), in milliseconds since the Unix epoch.
@@ -64,7 +74,8 @@ impl UpstreamHealth {
     /// Longest `last_error` kept.
     pub const MAX_ERROR_CHARS: usize = 300;
 
-    fn record(&mut self, result: &Result<(), DispatchError>) {
+    /// Notes one send's result and sets the route's gauges (`route` is `us` or `eu`).
+    fn record(&mut self, route: &'static str, result: &Result<(), DispatchError>) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -81,10 +92,10 @@ impl UpstreamHealth {
             // A refusal is an answer: the upstream is up, the payload is the problem.
             Err(_) => self.consecutive_failures = 0,
         }
-        metrics::gauge!("tributary_upstream_consecutive_failures")
+        metrics::gauge!("tributary_upstream_consecutive_failures", "route" => route)
             .set(self.consecutive_failures as f64);
         if let Some(t) = self.last_success_ms {
-            metrics::gauge!("tributary_upstream_last_success_timestamp_seconds")
+            metrics::gauge!("tributary_upstream_last_success_timestamp_seconds", "route" => route)
                 .set(t as f64 / 1000.0);
         }
     }
@@ -117,9 +128,9 @@ impl Upstreams {
 
     /// Sends `body` to the upstream of `route`.
     pub async fn send(&self, route: &Route, body: Bytes) -> Result<(), DispatchError> {
-        let url = match route.region() {
-            Some(Region::Us) => &self.us,
-            Some(Region::Eu) => &self.eu,
+        let (url, region) = match route.region() {
+            Some(Region::Us) => (&self.us, Region::Us),
+            Some(Region::Eu) => (&self.eu, Region::Eu),
             None => {
                 // A route this version does not know (written by a newer one): never guess
                 // an endpoint, EU data must not reach the US.
@@ -133,15 +144,20 @@ impl Upstreams {
         let result = self.transport.send(url, body).await;
         metrics::histogram!("tributary_upstream_latency_seconds")
             .record(started.elapsed().as_secs_f64());
-        self.health
+        let mut health = self
+            .health
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(&result);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match region {
+            Region::Us => health.us.record("us", &result),
+            Region::Eu => health.eu.record("eu", &result),
+        }
+        drop(health);
         result
     }
 
-    /// How the upstreams have been answering since this client was built.
-    pub fn health(&self) -> UpstreamHealth {
+    /// How each upstream has been answering since this client was built.
+    pub fn health(&self) -> RouteHealth {
         self.health
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

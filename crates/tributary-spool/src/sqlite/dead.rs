@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::store::{Store, ms, storage, to_i64, to_u64};
 use super::totals::Delta;
-use crate::{DeadLetter, Payload, SpoolError};
+use crate::{DeadLetter, DeadLetterSummary, Payload, SpoolError};
 
 /// Dead-letter ids are the row id of the payload they were, or for the parts isolation
 /// cut out of a payload, a fresh id from the same sequence.
@@ -165,6 +165,39 @@ impl Store {
                     reason: r.get(4)?,
                     appended_at_ms: to_u64(r.get(2)?),
                     dead_at_ms: to_u64(r.get(3)?),
+                })
+            })
+            .map_err(storage)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(storage)
+    }
+
+    /// Up to `limit` dead letters without their bodies: the BLOB columns are not read, and
+    /// SQLite cuts the reason, so this stays small whatever the dead letters hold.
+    pub(super) fn dead_letter_summaries(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterSummary>, SpoolError> {
+        let mut select = self
+            .conn
+            .prepare_cached(
+                "SELECT id, visitor_count, bytes, appended_at, dead_at, substr(reason, 1, ?2), route
+                 FROM dead_letters ORDER BY id LIMIT ?1",
+            )
+            .map_err(storage)?;
+        let max_reason = to_i64(DeadLetterSummary::MAX_REASON_CHARS);
+        let rows = select
+            .query_map(params![to_i64(limit), max_reason], |r| {
+                let id: i64 = r.get(0)?;
+                let bytes: i64 = r.get(2)?;
+                let reason: String = r.get(5)?;
+                Ok(DeadLetterSummary {
+                    id: id.to_string(),
+                    visitor_count: r.get(1)?,
+                    stored_len: usize::try_from(bytes).unwrap_or(0),
+                    appended_at_ms: to_u64(r.get(3)?),
+                    dead_at_ms: to_u64(r.get(4)?),
+                    reason: DeadLetterSummary::truncate_reason(&reason),
+                    route: r.get(6)?,
                 })
             })
             .map_err(storage)?;

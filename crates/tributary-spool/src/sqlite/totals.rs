@@ -89,7 +89,7 @@ impl Store {
         let now = self.clock.now_ms();
         let mut stats = tx
             .prepare_cached(
-                "SELECT pending, pending_bytes, pending_events, dead FROM totals WHERE id = 0",
+                "SELECT pending, pending_bytes, pending_events, dead, dead_bytes FROM totals WHERE id = 0",
             )
             .and_then(|mut s| {
                 s.query_row([], |r| {
@@ -98,6 +98,7 @@ impl Store {
                         pending_bytes: to_u64(r.get(1)?),
                         pending_events: to_u64(r.get(2)?),
                         dead_letters: to_u64(r.get(3)?),
+                        dead_bytes: to_u64(r.get(4)?),
                         ..SpoolStats::default()
                     })
                 })

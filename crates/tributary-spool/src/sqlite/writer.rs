@@ -38,6 +38,7 @@ pub(super) enum Command {
     Audit(Reply<SpoolAudit>),
     CheckReady(Reply<()>),
     DeadLetters(usize, Reply<Vec<DeadLetter>>),
+    DeadLetterSummaries(usize, Reply<Vec<crate::DeadLetterSummary>>),
     Retry(DeadChunk, Reply<u64>),
     Purge(DeadChunk, Reply<u64>),
     Expire {
@@ -141,6 +142,9 @@ pub(super) fn run(
             }
             Command::DeadLetters(limit, reply) => {
                 let _ = reply.send(store.dead_letters(limit));
+            }
+            Command::DeadLetterSummaries(limit, reply) => {
+                let _ = reply.send(store.dead_letter_summaries(limit));
             }
             Command::Retry(which, reply) => {
                 let _ = reply.send(store.with_room(|s| s.retry_dead(&which)));

@@ -146,6 +146,7 @@ pub(super) async fn stats(inner: &Inner) -> Result<SpoolStats, SpoolError> {
         leased: main.in_flight,
         oldest_age_ms: 0,
         dead_letters: dead.visible + dead.in_flight + dead.delayed,
+        dead_bytes: 0,
     })
 }
 

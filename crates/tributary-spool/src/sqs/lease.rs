@@ -9,6 +9,8 @@
 //! messages are kept in a small stash (at most one round's worth: `receivers` × 10) and
 //! handed out first by the next lease, their visibility extended then. Giving them back
 //! to the queue instead would count a receive against them.
+//! A process about to stop (a Lambda invocation answering) gives the stash back with
+//! [`Spool::release_unhanded`](crate::Spool::release_unhanded).
 //!
 //! [`Spool::dead_letter`](crate::Spool::dead_letter) gets only receipts, but moving a
 //! message to the dead-letter queue needs its body: the table of held messages keeps each
@@ -88,6 +90,18 @@ impl Leases {
             }
         }
         out
+    }
+
+    /// Empties the stash: the receipts of messages received but never handed out, which the
+    /// caller gives back to the queue (they are forgotten here).
+    pub fn take_stash(&self) -> Vec<Receipt> {
+        let mut s = self.lock();
+        let State { held, stash, .. } = &mut *s;
+        stash
+            .drain(..)
+            .filter(|l| held.remove(&l.receipt.0).is_some())
+            .map(|l| l.receipt)
+            .collect()
     }
 
     /// Drops entries whose lease has run out.
