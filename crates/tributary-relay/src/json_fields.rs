@@ -43,6 +43,17 @@ impl<'a> Fields<'a> {
     pub(crate) fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
+
+    /// The raw value of `key` when it occurs exactly once: an object that repeats a key
+    /// is left as it is by the edits, since rewriting one occurrence of several would
+    /// change what a reader that keeps another occurrence sees.
+    pub(crate) fn get_unique(&self, key: &str) -> Option<&'a RawValue> {
+        let mut found = self.0.iter().filter(|(k, _)| k == key);
+        match (found.next(), found.next()) {
+            (Some((_, v)), None) => Some(*v),
+            _ => None,
+        }
+    }
 }
 
 /// Writes an object from fields in order, each value as given.

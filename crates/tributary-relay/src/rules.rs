@@ -195,10 +195,13 @@ impl IngestRules {
         }
         let mut claim = None;
         if let Some(dedup) = &self.dedup {
-            let filtered = dedup.filter(visitors).await.map_err(|e| match e {
-                DedupError::InFlight => RuleError::InFlight(e.to_string()),
-                DedupError::Store(s) => RuleError::Storage(s),
-            })?;
+            let filtered = dedup
+                .filter(&account, visitors)
+                .await
+                .map_err(|e| match e {
+                    DedupError::InFlight => RuleError::InFlight(e.to_string()),
+                    DedupError::Store(s) => RuleError::Storage(s),
+                })?;
             if filtered.duplicate_events > 0 {
                 let label = self.labels.label(&account);
                 metrics::counter!("tributary_ingest_duplicate_events_total", "account" => label.clone())
