@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use serde::Deserialize;
 use sha2::Sha256;
 
 use crate::json_fields::{Fields, array_items, write_array, write_object};
@@ -142,16 +141,28 @@ pub struct PrivacyCounts {
     pub visitors_rewritten: u64,
 }
 
-/// A visitor the rules could not read: not an object, or a `visitor_id` that is not a
-/// string. The message names the field, never its value.
+/// A visitor the rules could not read: not an object, a `visitor_id` that is not a
+/// string, or (with an attribute rule) `attributes` that is neither an array nor null. The message names the field, never its value.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct PrivacyError(pub String);
 
-#[derive(Deserialize)]
-struct AttributeKey<'a> {
-    #[serde(borrow)]
-    key: Option<std::borrow::Cow<'a, str>>,
+/// Whether `rule` keeps one attribute item, judged by every occurrence of `key` in it (a
+/// reader downstream may take any one of them): an item that is not an object, or whose
+/// `key` is not a string, cannot be judged and is dropped, so a rule never lets through
+/// what it could not read.
+fn keeps_item(rule: &AttributeRule, item: &serde_json::value::RawValue) -> bool {
+    let Ok(fields) = Fields::parse(item.get().as_bytes()) else {
+        return false;
+    };
+    let mut keys = fields.0.iter().filter(|(k, _)| k == "key").peekable();
+    if keys.peek().is_none() {
+        return rule.keeps(None);
+    }
+    keys.all(|(_, raw)| match serde_json::from_str::<String>(raw.get()) {
+        Ok(key) => rule.keeps(Some(&key)),
+        Err(_) => false,
+    })
 }
 
 impl PrivacyRule {
@@ -185,18 +196,20 @@ impl PrivacyRule {
                     changed = true;
                 }
                 "attributes" if self.attributes != AttributeRule::KeepAll => {
-                    // Not an array: the upstream's to judge, as the relay does not check it.
+                    // Anything but an array (or null) could hide an attribute the rule
+                    // must remove: refused, rather than stored and forwarded as it is.
                     let Some(items) = array_items(raw) else {
-                        continue;
+                        if raw.get() == "null" {
+                            continue;
+                        }
+                        return Err(PrivacyError(
+                            "attributes: must be an array (or null) where attribute rules apply"
+                                .into(),
+                        ));
                     };
                     let kept: Vec<&[u8]> = items
                         .iter()
-                        .filter(|item| {
-                            let key = serde_json::from_str::<AttributeKey<'_>>(item.get())
-                                .ok()
-                                .and_then(|a| a.key);
-                            self.attributes.keeps(key.as_deref())
-                        })
+                        .filter(|item| keeps_item(&self.attributes, item))
                         .map(|item| item.get().as_bytes())
                         .collect();
                     let dropped = items.len() - kept.len();
@@ -305,5 +318,49 @@ mod tests {
             key.hash("what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn attributes_that_are_not_an_array_are_refused_and_null_passes() {
+        let rule = PrivacyRule {
+            attributes: AttributeRule::Drop(set(&["email"])),
+            hash_visitor_ids: None,
+        };
+        let mut counts = PrivacyCounts::default();
+        for attributes in [
+            r#"{"key":"email","value":"a@b.c"}"#,
+            r#""email=a@b.c""#,
+            "3",
+        ] {
+            let visitor = format!(r#"{{"visitor_id":"v","attributes":{attributes}}}"#);
+            let err = rule.apply(visitor.as_bytes(), &mut counts).unwrap_err();
+            assert!(err.0.starts_with("attributes:"), "{}", err.0);
+            assert!(!err.0.contains("a@b.c"), "{}", err.0);
+        }
+        let visitor = br#"{"visitor_id":"v","attributes":null}"#;
+        assert!(rule.apply(visitor, &mut counts).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_item_whose_key_cannot_be_read_is_dropped_and_every_key_counts() {
+        let rule = PrivacyRule {
+            attributes: AttributeRule::Drop(set(&["email"])),
+            hash_visitor_ids: None,
+        };
+        let visitor = br#"{"visitor_id":"v","attributes":[{"key":"country","key":"email","value":"a@b.c"},{"key":7,"value":"a@b.c"},"a@b.c",[1],{"key":"country","value":"DE"}]}"#;
+        let mut counts = PrivacyCounts::default();
+        let out = rule.apply(visitor, &mut counts).unwrap().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"visitor_id":"v","attributes":[{"key":"country","value":"DE"}]}"#
+        );
+        assert_eq!(counts.attributes_dropped, 4);
+        // The allow-list judges a repeated key the same way.
+        let allow = PrivacyRule {
+            attributes: AttributeRule::Allow(set(&["country"])),
+            hash_visitor_ids: None,
+        };
+        let out = allow.apply(visitor, &mut counts).unwrap().unwrap();
+        assert!(!std::str::from_utf8(&out).unwrap().contains("a@b.c"));
     }
 }
