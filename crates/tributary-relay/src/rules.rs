@@ -136,6 +136,15 @@ impl IngestRules {
         })
     }
 
+    /// Only a duplicate filter (for tests of the ingest path).
+    #[cfg(test)]
+    pub(crate) fn with_dedup(dedup: Dedup) -> IngestRules {
+        IngestRules {
+            dedup: Some(dedup),
+            ..IngestRules::default()
+        }
+    }
+
     /// Whether any rule applies to payloads (else the stage is skipped).
     pub fn is_noop(&self) -> bool {
         self.privacy.is_noop() && self.dedup.is_none() && self.quota.is_none()
