@@ -179,9 +179,7 @@ async fn accept(
     let admitted = state
         .rules
         .admit(&*state.spool, batch, |b| {
-            // What the spool will count: the header and the visitors (once per part, but
-            // the parts are known only after the split; close enough for a quota).
-            (b.header().len() + b.visitors().iter().map(Bytes::len).sum::<usize>()) as u64
+            stored_bytes(b, state.max_batch_bytes, state.max_batch_events)
         })
         .await
         .map_err(rule_error)?;
@@ -236,6 +234,32 @@ async fn accept(
         state.forwarder_wake.notify_one();
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What the spool will count for `batch` once split as below (split to fit `max_bytes`,
+/// then at most `max_events` visitors a payload): the header once per payload, and the
+/// visitors with the commas between them. The split is only measured here; a batch that
+/// cannot be split is refused after the quota, so its estimate need not be exact.
+fn stored_bytes(batch: &RawBatch, max_bytes: usize, max_events: usize) -> u64 {
+    let max_events = max_events.max(1);
+    let parts = batch
+        .clone()
+        .split_to_fit(max_bytes)
+        .unwrap_or_else(|_| vec![batch.clone()]);
+    let mut total = 0usize;
+    for part in &parts {
+        let visitors = part.visitors();
+        if visitors.is_empty() {
+            total += part.header().len();
+            continue;
+        }
+        for chunk in visitors.chunks(max_events) {
+            total += part.header().len()
+                + chunk.iter().map(Bytes::len).sum::<usize>()
+                + (chunk.len() - 1);
+        }
+    }
+    total as u64
 }
 
 /// A 503 that asks the client to come back in a second.
@@ -690,5 +714,38 @@ mod tests {
             1,
             "the retry was stored again: the cut-off request's uuids were not recorded"
         );
+    }
+
+    #[test]
+    fn the_quota_estimate_is_what_the_split_payloads_store() {
+        let visitor = |i: usize| {
+            format!(
+                r#"{{"attributes":[],"snapshots":[{{"decisions":[],"events":[{{"entity_id":"4","key":"k","timestamp":1,"uuid":"u-{i}"}}]}}],"visitor_id":"v{i}"}}"#
+            )
+        };
+        let visitors: Vec<String> = (0..25).map(visitor).collect();
+        let body = format!(
+            r#"{{"account_id":"1","anonymize_ip":true,"client_name":"python-sdk","client_version":"5.7.0","enrich_decisions":true,"project_id":"2","revision":"3","visitors":[{}]}}"#,
+            visitors.join(",")
+        );
+        let batch = parse(&body).unwrap();
+        for (max_bytes, max_events) in [(1 << 20, 100), (1 << 20, 4), (700, 100), (700, 2)] {
+            let parts = batch.clone().split_to_fit(max_bytes).unwrap();
+            let stored: usize = parts
+                .iter()
+                .flat_map(|b| {
+                    let n = b.visitors().len();
+                    (0..n.max(1))
+                        .step_by(max_events)
+                        .map(move |start| b.slice(start..(start + max_events).min(n)))
+                })
+                .map(|b| Payload::from_batch(Route::US, &b).stored_len())
+                .sum();
+            assert_eq!(
+                stored_bytes(&batch, max_bytes, max_events),
+                stored as u64,
+                "{max_bytes} bytes, {max_events} events"
+            );
+        }
     }
 }

@@ -412,7 +412,8 @@ fn a_flooding_account_gets_429_at_its_quota_while_another_is_accepted_and_delive
         "{metrics}"
     );
     // The spool holds no more for the flood than its share (requests came one at a time,
-    // so the bound is exact), and its figure is what its rows add up to.
+    // so no two were admitted against the same figure), and its figure is what its rows
+    // add up to.
     let db = rusqlite::Connection::open(dir.path().join("spool/spool.db")).unwrap();
     let flood_bytes: i64 = db
         .query_row(
