@@ -363,4 +363,27 @@ mod tests {
         let out = allow.apply(visitor, &mut counts).unwrap().unwrap();
         assert!(!std::str::from_utf8(&out).unwrap().contains("a@b.c"));
     }
+
+    #[test]
+    fn a_touched_visitor_keeps_odd_numbers_and_escapes_as_written() {
+        let rule = PrivacyRule {
+            attributes: AttributeRule::Drop(set(&["email"])),
+            hash_visitor_ids: Some(HashKey::from_file_bytes(b"k")),
+        };
+        let visitor = br#"{"snapshots":[{"events":[{"uuid":"a\/b","revenue":123456789012345678901234567890,"value":1e400,"tags":{"p":"x\/y","n":-0.0}}]}],"attributes":[{"key":"email","value":"a@b.c"},{"key":"n","value":1E+2}],"visitor_id":"u"}"#;
+        let mut counts = PrivacyCounts::default();
+        let out = rule.apply(visitor, &mut counts).unwrap().unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        for kept in [
+            r#""uuid":"a\/b""#,
+            r#""revenue":123456789012345678901234567890"#,
+            r#""value":1e400"#,
+            r#""p":"x\/y""#,
+            r#""n":-0.0"#,
+            r#"{"key":"n","value":1E+2}"#,
+        ] {
+            assert!(text.contains(kept), "{kept} was rewritten: {text}");
+        }
+        assert!(!text.contains("a@b.c"), "{text}");
+    }
 }
