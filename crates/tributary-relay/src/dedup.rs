@@ -242,27 +242,29 @@ fn without_events(visitor: &[u8], keep: &[Vec<bool>]) -> Option<Bytes> {
                 .filter(|(_, k)| **k)
                 .map(|(e, _)| e.get().as_bytes()),
         );
-        kept_snapshots.push(write_object(sf.0.iter().map(|(k, v)| {
+        kept_snapshots.push(write_object(sf.0.iter().enumerate().map(|(i, (k, v))| {
             let value = if k == "events" {
                 &events[..]
             } else {
                 v.get().as_bytes()
             };
-            (k.as_str(), value)
+            (sf.raw_key(i), value)
         })));
     }
     if kept_snapshots.is_empty() {
         return None;
     }
     let snapshots = write_array(kept_snapshots.iter().map(Vec::as_slice));
-    Some(Bytes::from(write_object(fields.0.iter().map(|(k, v)| {
-        let value = if k == "snapshots" {
-            &snapshots[..]
-        } else {
-            v.get().as_bytes()
-        };
-        (k.as_str(), value)
-    }))))
+    Some(Bytes::from(write_object(fields.0.iter().enumerate().map(
+        |(i, (k, v))| {
+            let value = if k == "snapshots" {
+                &snapshots[..]
+            } else {
+                v.get().as_bytes()
+            };
+            (fields.raw_key(i), value)
+        },
+    ))))
 }
 
 impl Dedup {

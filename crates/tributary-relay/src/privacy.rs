@@ -226,12 +226,12 @@ impl PrivacyRule {
             return Ok(None);
         }
         counts.visitors_rewritten += 1;
-        let out = write_object(fields.0.iter().zip(&replaced).map(|((k, raw), new)| {
-            (
-                k.as_str(),
-                new.as_deref().unwrap_or_else(|| raw.get().as_bytes()),
-            )
-        }));
+        let out = write_object(
+            fields
+                .raw()
+                .zip(&replaced)
+                .map(|((k, raw), new)| (k, new.as_deref().unwrap_or(raw))),
+        );
         Ok(Some(Bytes::from(out)))
     }
 }
