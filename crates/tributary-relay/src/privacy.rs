@@ -7,6 +7,7 @@
 //! rule did not touch keep their bytes, their order and any field unknown to this code.
 //! Nothing here logs a value it removes or replaces.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -147,6 +148,41 @@ pub struct PrivacyCounts {
 #[error("{0}")]
 pub struct PrivacyError(pub String);
 
+/// The attribute the SDKs send when a bucketing id is set: it often holds the user id
+/// itself, so it is hashed with the visitor id.
+pub const BUCKETING_ID_KEY: &str = "$opt_bucketing_id";
+
+/// `item` with its string `value` replaced by the HMAC, when it is the
+/// [`BUCKETING_ID_KEY`] attribute; `None` otherwise (left as it is).
+fn hash_bucketing_id(key: &HashKey, item: &serde_json::value::RawValue) -> Option<Vec<u8>> {
+    let fields = Fields::parse(item.get().as_bytes()).ok()?;
+    let is_bucketing = fields.0.iter().any(|(k, v)| {
+        k == "key" && serde_json::from_str::<String>(v.get()).is_ok_and(|s| s == BUCKETING_ID_KEY)
+    });
+    if !is_bucketing {
+        return None;
+    }
+    let mut hashed: Vec<Vec<u8>> = Vec::new();
+    for (k, v) in &fields.0 {
+        if k == "value" {
+            // A value that is not a string is not an id the SDK wrote; hashed as text
+            // anyway, so that nothing of it passes.
+            let id = serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned());
+            let mut out = Vec::with_capacity(66);
+            let _ = serde_json::to_writer(&mut out, &key.hash(&id));
+            hashed.push(out);
+        }
+    }
+    let mut next = hashed.iter();
+    Some(write_object(fields.raw().enumerate().map(|(i, (k, v))| {
+        if fields.0[i].0 == "value" {
+            (k, next.next().map_or(v, Vec::as_slice))
+        } else {
+            (k, v)
+        }
+    })))
+}
+
 /// Whether `rule` keeps one attribute item, judged by every occurrence of `key` in it (a
 /// reader downstream may take any one of them): an item that is not an object, or whose
 /// `key` is not a string, cannot be judged and is dropped, so a rule never lets through
@@ -195,7 +231,10 @@ impl PrivacyRule {
                     counts.visitor_ids_hashed += 1;
                     changed = true;
                 }
-                "attributes" if self.attributes != AttributeRule::KeepAll => {
+                "attributes"
+                    if self.attributes != AttributeRule::KeepAll
+                        || self.hash_visitor_ids.is_some() =>
+                {
                     // Anything but an array (or null) could hide an attribute the rule
                     // must remove: refused, rather than stored and forwarded as it is.
                     let Some(items) = array_items(raw) else {
@@ -203,19 +242,36 @@ impl PrivacyRule {
                             continue;
                         }
                         return Err(PrivacyError(
-                            "attributes: must be an array (or null) where attribute rules apply"
+                            "attributes: must be an array (or null) where attribute rules or \
+                             visitor id hashing apply"
                                 .into(),
                         ));
                     };
-                    let kept: Vec<&[u8]> = items
+                    let mut hashed_any = false;
+                    let kept: Vec<Cow<'_, [u8]>> = items
                         .iter()
-                        .filter(|item| keeps_item(&self.attributes, item))
-                        .map(|item| item.get().as_bytes())
+                        .filter(|item| {
+                            self.attributes == AttributeRule::KeepAll
+                                || keeps_item(&self.attributes, item)
+                        })
+                        .map(|item| {
+                            let hashed = self
+                                .hash_visitor_ids
+                                .as_ref()
+                                .and_then(|key| hash_bucketing_id(key, item));
+                            match hashed {
+                                Some(new) => {
+                                    hashed_any = true;
+                                    Cow::Owned(new)
+                                }
+                                None => Cow::Borrowed(item.get().as_bytes()),
+                            }
+                        })
                         .collect();
                     let dropped = items.len() - kept.len();
-                    if dropped > 0 {
+                    if dropped > 0 || hashed_any {
                         counts.attributes_dropped += dropped as u64;
-                        replaced[i] = Some(write_array(kept));
+                        replaced[i] = Some(write_array(kept.iter().map(AsRef::as_ref)));
                         changed = true;
                     }
                 }
@@ -385,5 +441,37 @@ mod tests {
             assert!(text.contains(kept), "{kept} was rewritten: {text}");
         }
         assert!(!text.contains("a@b.c"), "{text}");
+    }
+
+    #[test]
+    fn the_bucketing_id_is_hashed_with_the_visitor_id() {
+        let key = HashKey::from_file_bytes(b"k");
+        let rule = PrivacyRule {
+            attributes: AttributeRule::KeepAll,
+            hash_visitor_ids: Some(key.clone()),
+        };
+        let visitor = br#"{"attributes":[{"entity_id":"$opt_bucketing_id","key":"$opt_bucketing_id","type":"custom","value":"user-1"},{"key":"country","value":"DE"}],"visitor_id":"user-1"}"#;
+        let mut counts = PrivacyCounts::default();
+        let out = rule.apply(visitor, &mut counts).unwrap().unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(!text.contains("user-1"), "{text}");
+        let hashed = key.hash("user-1");
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"attributes":[{{"entity_id":"$opt_bucketing_id","key":"$opt_bucketing_id","type":"custom","value":"{hashed}"}},{{"key":"country","value":"DE"}}],"visitor_id":"{hashed}"}}"#
+            )
+        );
+        // Without hashing it is an attribute like any other (kept by an allow-list).
+        let allow = PrivacyRule {
+            attributes: AttributeRule::Allow(set(&[])),
+            hash_visitor_ids: None,
+        };
+        let out = allow.apply(visitor, &mut counts).unwrap().unwrap();
+        assert!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .contains(r#""value":"user-1""#)
+        );
     }
 }
