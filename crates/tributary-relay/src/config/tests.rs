@@ -318,7 +318,7 @@ fn privacy_and_fair_share_mistakes_are_named() {
         ..Default::default()
     };
     refused(burst_alone, "token-burst");
-    for rate in [1e-300, 0.0009, 2e6] {
+    for rate in [1e-300, 0.0009, 2e6, f64::NAN] {
         let tiny = RelaySettings {
             token_rate_limit: Some(rate),
             auth_tokens: Some(vec!["t".into()]),
