@@ -16,6 +16,21 @@ pub const DEFAULT_MAX_ACCOUNT_LABELS: usize = 100;
 /// The label value of every account past the bound.
 pub const OTHER: &str = "other";
 
+/// The longest `account_id` (not configured) that gets a label of its own: Optimizely's
+/// are 10 to 12 digits; anything much longer is not an account id and may be anything a
+/// client put there.
+pub const MAX_LABEL_LEN: usize = 32;
+
+/// Whether an unconfigured `account_id` may be a label value: short, and only
+/// `[0-9A-Za-z_-]`, so a client cannot put an email or arbitrary text into `/metrics`.
+fn labelable(account: &str) -> bool {
+    !account.is_empty()
+        && account.len() <= MAX_LABEL_LEN
+        && account
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Which `account_id` values are metric labels: the configured ones, then the first
 /// `max_seen` others.
 ///
@@ -45,10 +60,15 @@ impl AccountLabels {
     }
 
     /// The label value to count `account` under: itself, or [`OTHER`] once the bound is
-    /// reached by other accounts. (An account whose id is `other` is counted with them.)
+    /// reached by other accounts, or when it is longer than [`MAX_LABEL_LEN`] or holds a
+    /// character outside `[0-9A-Za-z_-]` (configured accounts are labelled whatever they
+    /// are). An account whose id is `other` is counted with them.
     pub fn label(&self, account: &str) -> String {
         if self.configured.contains(account) {
             return account.to_owned();
+        }
+        if !labelable(account) {
+            return OTHER.to_owned();
         }
         let mut seen = self
             .seen
@@ -101,5 +121,15 @@ mod tests {
         let labels = AccountLabels::new(["cfg".to_owned()], 0);
         assert_eq!(labels.label("anyone"), OTHER);
         assert_eq!(labels.label("cfg"), "cfg");
+    }
+
+    #[test]
+    fn odd_account_ids_are_other_and_use_up_no_label() {
+        let labels = AccountLabels::new([], 1);
+        for odd in ["user@example.com", "a b", "", &"9".repeat(33), "é"] {
+            assert_eq!(labels.label(odd), OTHER, "{odd:?}");
+        }
+        assert_eq!(labels.label(&"9".repeat(32)), "9".repeat(32));
+        assert_eq!(labels.label("Team_a-1"), OTHER, "the one label is taken");
     }
 }

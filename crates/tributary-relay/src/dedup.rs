@@ -13,13 +13,19 @@
 //! The order makes it lose nothing: a request's uuids are *claimed* (in memory) while it is
 //! appended, and *recorded* only after the spool committed. A crash between the two forgets
 //! the uuids, and the client's retry is accepted again (a duplicate, never a loss). A second
-//! request carrying a claimed uuid is answered 503 + `Retry-After` rather than dropped, since
-//! the first may yet fail.
+//! request carrying a claimed uuid waits for the first to settle (up to [`IN_FLIGHT_WAIT`])
+//! and is then filtered again; still claimed after that, it is answered 503 +
+//! `Retry-After` rather than dropped, since the first may yet fail.
+//!
+//! Uuids are keyed per account ([`dedup_key`]): one account's uuids never drop another's
+//! events, and an empty uuid counts as none (never dropped).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -57,7 +63,8 @@ pub struct DedupConfig {
 struct Cache {
     at: HashMap<DedupKey, i64>,
     order: VecDeque<(DedupKey, i64)>,
-    claimed: HashSet<DedupKey>,
+    /// Uuids being appended, each with a receiver that closes when its claim ends.
+    claimed: HashMap<DedupKey, watch::Receiver<()>>,
     /// The newest time of a uuid this map does not hold although it may be in the durable
     /// set: the newest there when the relay started, or the newest entry evicted since.
     /// While it is older than the window, the map knows every uuid of the window, and a
@@ -78,6 +85,11 @@ impl Cache {
                 }
             }
         }
+    }
+
+    /// The claim end to wait for when one of `keys` is claimed by another request.
+    fn claimed_by_other(&self, keys: &[DedupKey]) -> Option<watch::Receiver<()>> {
+        keys.iter().find_map(|k| self.claimed.get(k).cloned())
     }
 }
 
@@ -106,6 +118,9 @@ impl std::fmt::Debug for Dedup {
 pub struct Claim {
     keys: Vec<DedupKey>,
     cache: Option<Arc<Mutex<Cache>>>,
+    /// Dropped (after the keys left the map, since `Drop::drop` runs before the fields
+    /// drop), it wakes the requests waiting on these uuids.
+    _ended: Option<watch::Sender<()>>,
 }
 
 impl std::fmt::Debug for Claim {
@@ -129,10 +144,16 @@ impl Drop for Claim {
     }
 }
 
+/// How long a request waits for another request's claim on one of its uuids to end
+/// before it is answered 503 (the other append is normally done in milliseconds; one
+/// that takes longer is stuck on the disk, and the client is better told to retry).
+pub const IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
+
 /// Why the filter could not decide.
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {
-    /// Another request carrying one of these uuids is being appended.
+    /// Another request carrying one of these uuids was still being appended after
+    /// [`IN_FLIGHT_WAIT`].
     #[error("another request with the same event uuids is being accepted; retry")]
     InFlight,
     /// The durable set failed.
@@ -166,18 +187,20 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The uuid of each event of a visitor, by snapshot: `None` for an event without one
-/// (kept: it cannot be a known duplicate).
-fn visitor_uuids(visitor: &[u8]) -> Option<Vec<Vec<Option<DedupKey>>>> {
+/// The key of each event of `account`'s visitor, by snapshot: `None` for an event
+/// without a uuid or with an empty one (kept: it cannot be a known duplicate). A visitor
+/// or snapshot that repeats `snapshots` or `events` is not looked into (kept whole), since
+/// [`without_events`] could not rewrite it faithfully.
+fn visitor_uuids(account: &str, visitor: &[u8]) -> Option<Vec<Vec<Option<DedupKey>>>> {
     let fields = Fields::parse(visitor).ok()?;
-    let snapshots = array_items(fields.get("snapshots")?)?;
+    let snapshots = array_items(fields.get_unique("snapshots")?)?;
     Some(
         snapshots
             .iter()
             .map(|s| {
                 Fields::parse(s.get().as_bytes())
                     .ok()
-                    .and_then(|f| f.get("events").and_then(array_items))
+                    .and_then(|f| f.get_unique("events").and_then(array_items))
                     .map(|events| {
                         events
                             .iter()
@@ -185,7 +208,8 @@ fn visitor_uuids(visitor: &[u8]) -> Option<Vec<Vec<Option<DedupKey>>>> {
                                 serde_json::from_str::<EventUuid<'_>>(e.get())
                                     .ok()
                                     .and_then(|e| e.uuid)
-                                    .map(|u| dedup_key(&u))
+                                    .filter(|u| !u.is_empty())
+                                    .map(|u| dedup_key(account, &u))
                             })
                             .collect()
                     })
@@ -218,27 +242,29 @@ fn without_events(visitor: &[u8], keep: &[Vec<bool>]) -> Option<Bytes> {
                 .filter(|(_, k)| **k)
                 .map(|(e, _)| e.get().as_bytes()),
         );
-        kept_snapshots.push(write_object(sf.0.iter().map(|(k, v)| {
+        kept_snapshots.push(write_object(sf.0.iter().enumerate().map(|(i, (k, v))| {
             let value = if k == "events" {
                 &events[..]
             } else {
                 v.get().as_bytes()
             };
-            (k.as_str(), value)
+            (sf.raw_key(i), value)
         })));
     }
     if kept_snapshots.is_empty() {
         return None;
     }
     let snapshots = write_array(kept_snapshots.iter().map(Vec::as_slice));
-    Some(Bytes::from(write_object(fields.0.iter().map(|(k, v)| {
-        let value = if k == "snapshots" {
-            &snapshots[..]
-        } else {
-            v.get().as_bytes()
-        };
-        (k.as_str(), value)
-    }))))
+    Some(Bytes::from(write_object(fields.0.iter().enumerate().map(
+        |(i, (k, v))| {
+            let value = if k == "snapshots" {
+                &snapshots[..]
+            } else {
+                v.get().as_bytes()
+            };
+            (fields.raw_key(i), value)
+        },
+    ))))
 }
 
 impl Dedup {
@@ -272,14 +298,16 @@ impl Dedup {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Drops the events of `visitors` already accepted within the window (and repeats
-    /// within the request), and claims the uuids of the rest.
-    pub async fn filter(&self, visitors: Vec<Bytes>) -> Result<Filtered, DedupError> {
-        let now = now_ms();
-        let since =
-            now.saturating_sub(i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX));
+    /// Drops the events of `account`'s `visitors` already accepted within the window (and
+    /// repeats within the request), and claims the uuids of the rest. A uuid another
+    /// request is appending is waited for (up to [`IN_FLIGHT_WAIT`]), then looked at again.
+    pub async fn filter(
+        &self,
+        account: &str,
+        visitors: Vec<Bytes>,
+    ) -> Result<Filtered, DedupError> {
         let per_visitor: Vec<Option<Vec<Vec<Option<DedupKey>>>>> =
-            visitors.iter().map(|v| visitor_uuids(v)).collect();
+            visitors.iter().map(|v| visitor_uuids(account, v)).collect();
         let mut unique: Vec<DedupKey> = Vec::new();
         let mut in_request: HashSet<DedupKey> = HashSet::new();
         for k in per_visitor.iter().flatten().flatten().flatten().flatten() {
@@ -287,53 +315,22 @@ impl Dedup {
                 unique.push(*k);
             }
         }
-        // Memory first; what it does not know, the durable set.
-        let mut known: HashSet<DedupKey> = HashSet::new();
-        let mut ask: Vec<DedupKey> = Vec::new();
-        let complete;
-        {
-            let cache = self.cache();
-            complete = cache.unknown_newest < since;
-            for k in &unique {
-                if cache.claimed.contains(k) {
-                    return Err(DedupError::InFlight);
-                }
-                match cache.at.get(k) {
-                    Some(at) if *at >= since => {
-                        known.insert(*k);
+        let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
+        let (known, claim) = loop {
+            match self.try_claim(&unique).await? {
+                Ok(done) => break done,
+                Err(mut other) => {
+                    // `changed` ends with an error once the other claim's sender is gone,
+                    // at once if it already is.
+                    if tokio::time::timeout_at(deadline, other.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(DedupError::InFlight);
                     }
-                    _ => ask.push(*k),
                 }
             }
-        }
-        if let (Some(store), false, false) = (&self.store, ask.is_empty(), complete) {
-            let store = store.clone();
-            let keys = ask.clone();
-            let seen = tokio::task::spawn_blocking(move || store.seen_since(&keys, since))
-                .await
-                .map_err(|e| SpoolError::Storage(format!("dedup lookup failed: {e}")))??;
-            known.extend(ask.iter().zip(seen).filter(|(_, s)| *s).map(|(k, _)| *k));
-        }
-        let mut claim = Claim {
-            keys: Vec::new(),
-            cache: Some(self.cache.clone()),
         };
-        {
-            let mut cache = self.cache();
-            for k in &unique {
-                if known.contains(k) {
-                    continue;
-                }
-                if !cache.claimed.insert(*k) {
-                    // Claimed by another request since we looked: undo ours.
-                    for c in claim.keys.drain(..) {
-                        cache.claimed.remove(&c);
-                    }
-                    return Err(DedupError::InFlight);
-                }
-                claim.keys.push(*k);
-            }
-        }
         let mut out = Filtered {
             claim,
             ..Filtered::default()
@@ -370,12 +367,77 @@ impl Dedup {
         Ok(out)
     }
 
+    /// One look at `unique`: the keys accepted within the window and a claim on the rest,
+    /// or (inner `Err`) the end of another request's claim to wait for.
+    async fn try_claim(
+        &self,
+        unique: &[DedupKey],
+    ) -> Result<Result<(HashSet<DedupKey>, Claim), watch::Receiver<()>>, DedupError> {
+        let now = now_ms();
+        let since =
+            now.saturating_sub(i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX));
+        // Memory first; what it does not know, the durable set.
+        let mut known: HashSet<DedupKey> = HashSet::new();
+        let mut ask: Vec<DedupKey> = Vec::new();
+        let complete;
+        {
+            let cache = self.cache();
+            if let Some(other) = cache.claimed_by_other(unique) {
+                return Ok(Err(other));
+            }
+            complete = cache.unknown_newest < since;
+            for k in unique {
+                match cache.at.get(k) {
+                    Some(at) if *at >= since => {
+                        known.insert(*k);
+                    }
+                    _ => ask.push(*k),
+                }
+            }
+        }
+        if let (Some(store), false, false) = (&self.store, ask.is_empty(), complete) {
+            let store = store.clone();
+            let keys = ask.clone();
+            let seen = tokio::task::spawn_blocking(move || store.seen_since(&keys, since))
+                .await
+                .map_err(|e| SpoolError::Storage(format!("dedup lookup failed: {e}")))??;
+            known.extend(ask.iter().zip(seen).filter(|(_, s)| *s).map(|(k, _)| *k));
+        }
+        let (ended, ended_rx) = watch::channel(());
+        let mut cache = self.cache();
+        // Between the two looks another request may have claimed, or settled, one of
+        // these uuids: claimed, wait for it; accepted meanwhile, it is known now.
+        if let Some(other) = cache.claimed_by_other(unique) {
+            return Ok(Err(other));
+        }
+        let mut keys = Vec::new();
+        for k in unique {
+            if known.contains(k) {
+                continue;
+            }
+            if matches!(cache.at.get(k), Some(at) if *at >= since) {
+                known.insert(*k);
+                continue;
+            }
+            cache.claimed.insert(*k, ended_rx.clone());
+            keys.push(*k);
+        }
+        drop(cache);
+        Ok(Ok((
+            known,
+            Claim {
+                keys,
+                cache: Some(self.cache.clone()),
+                _ended: Some(ended),
+            },
+        )))
+    }
+
     /// Ends a claim: `accepted` records its uuids as accepted now (in memory, then durably),
     /// otherwise they are forgotten.
     pub async fn settle(&self, mut claim: Claim, accepted: bool) {
         let now = now_ms();
         let keys = std::mem::take(&mut claim.keys);
-        drop(claim);
         {
             let mut cache = self.cache();
             for k in &keys {
@@ -385,6 +447,8 @@ impl Dedup {
                 }
             }
         }
+        // Wakes the requests waiting on these uuids, which now find them accepted (or free).
+        drop(claim);
         if !accepted || keys.is_empty() {
             return;
         }
@@ -462,7 +526,7 @@ mod tests {
     async fn accepted_uuids_are_dropped_later_and_repeats_within_a_request_once() {
         let dedup = Dedup::new(config(), None);
         let first = dedup
-            .filter(vec![v("a", &["1", "2"]), v("b", &["2"])])
+            .filter("1", vec![v("a", &["1", "2"]), v("b", &["2"])])
             .await
             .unwrap();
         assert_eq!(first.duplicate_events, 1);
@@ -470,7 +534,7 @@ mod tests {
         assert_eq!(first.visitors, vec![v("a", &["1", "2"])]);
         dedup.settle(first.claim, true).await;
         let again = dedup
-            .filter(vec![v("a", &["1", "3"]), v("c", &["2"])])
+            .filter("1", vec![v("a", &["1", "3"]), v("c", &["2"])])
             .await
             .unwrap();
         assert_eq!(again.duplicate_events, 2);
@@ -479,15 +543,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_claim_is_in_flight_until_settled_or_dropped() {
-        let dedup = Dedup::new(config(), None);
-        let held = dedup.filter(vec![v("a", &["1"])]).await.unwrap();
-        assert!(matches!(
-            dedup.filter(vec![v("a", &["1"])]).await,
-            Err(DedupError::InFlight)
-        ));
+    async fn a_claimed_uuid_waits_for_its_claim_and_is_filtered_again() {
+        let dedup = Arc::new(Dedup::new(config(), None));
+        let held = dedup.filter("1", vec![v("a", &["1"])]).await.unwrap();
+        // A second request with the claimed uuid and a new one waits, not 503.
+        let waiter = tokio::spawn({
+            let dedup = dedup.clone();
+            async move { dedup.filter("1", vec![v("a", &["1", "2"])]).await }
+        });
+        // It is parked on the claim: nothing but the settle below can let it finish.
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "the waiter did not wait for the claim"
+        );
+        dedup.settle(held.claim, true).await;
+        let second = waiter.await.unwrap().unwrap();
+        assert_eq!(
+            second.duplicate_events, 1,
+            "the settled uuid is a duplicate now"
+        );
+        assert_eq!(
+            second.visitors,
+            vec![v("a", &["2"])],
+            "the new event is kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_claim_frees_its_uuids_for_the_waiter() {
+        let dedup = Arc::new(Dedup::new(config(), None));
+        let held = dedup.filter("1", vec![v("a", &["1"])]).await.unwrap();
+        let waiter = tokio::spawn({
+            let dedup = dedup.clone();
+            async move { dedup.filter("1", vec![v("a", &["1"])]).await }
+        });
+        tokio::task::yield_now().await;
         drop(held);
-        let retried = dedup.filter(vec![v("a", &["1"])]).await.unwrap();
+        let retried = waiter.await.unwrap().unwrap();
         assert_eq!(
             retried.duplicate_events, 0,
             "a dropped claim was not accepted"
@@ -495,7 +588,7 @@ mod tests {
         dedup.settle(retried.claim, false).await;
         assert_eq!(
             dedup
-                .filter(vec![v("a", &["1"])])
+                .filter("1", vec![v("a", &["1"])])
                 .await
                 .unwrap()
                 .duplicate_events,
@@ -504,14 +597,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_claim_held_past_the_bound_is_in_flight() {
+        let dedup = Dedup::new(config(), None);
+        let _held = dedup.filter("1", vec![v("a", &["1"])]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            dedup.filter("1", vec![v("a", &["1"])]).await,
+            Err(DedupError::InFlight)
+        ));
+        assert!(started.elapsed() >= IN_FLIGHT_WAIT);
+    }
+
+    #[tokio::test]
+    async fn accounts_do_not_share_uuids_and_empty_uuids_are_never_dropped() {
+        let dedup = Dedup::new(config(), None);
+        let first = dedup
+            .filter("1", vec![v("a", &["u1", ""]), v("b", &[""])])
+            .await
+            .unwrap();
+        assert_eq!(first.duplicate_events, 0, "empty uuids are not repeats");
+        dedup.settle(first.claim, true).await;
+        let other = dedup.filter("2", vec![v("a", &["u1", ""])]).await.unwrap();
+        assert_eq!(
+            other.duplicate_events, 0,
+            "account 2 lost an event to account 1's uuid"
+        );
+        let same = dedup.filter("1", vec![v("a", &["u1", ""])]).await.unwrap();
+        assert_eq!(same.duplicate_events, 1);
+        assert_eq!(same.visitors, vec![v("a", &[""])]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_with_two_events_fields_is_left_whole() {
+        let dedup = Dedup::new(config(), None);
+        let f = dedup.filter("1", vec![v("a", &["1"])]).await.unwrap();
+        dedup.settle(f.claim, true).await;
+        let twice = Bytes::from_static(
+            br#"{"visitor_id":"a","snapshots":[{"events":[{"uuid":"1"}],"events":[{"uuid":"2"}]}]}"#,
+        );
+        let f = dedup.filter("1", vec![twice.clone()]).await.unwrap();
+        assert_eq!(f.duplicate_events, 0);
+        assert_eq!(f.visitors, vec![twice], "the second events array was lost");
+    }
+
+    #[tokio::test]
     async fn the_durable_set_answers_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let dedup = Dedup::new(config(), Some(DedupStore::open(dir.path()).unwrap()));
-        let f = dedup.filter(vec![v("a", &["1"])]).await.unwrap();
+        let f = dedup.filter("1", vec![v("a", &["1"])]).await.unwrap();
         dedup.settle(f.claim, true).await;
         drop(dedup);
         let restarted = Dedup::new(config(), Some(DedupStore::open(dir.path()).unwrap()));
-        let f = restarted.filter(vec![v("a", &["1"])]).await.unwrap();
+        let f = restarted.filter("1", vec![v("a", &["1"])]).await.unwrap();
         assert_eq!((f.duplicate_events, f.dropped_visitors), (1, 1));
     }
 
@@ -524,11 +661,11 @@ mod tests {
         };
         let dedup = Dedup::new(small, Some(DedupStore::open(dir.path()).unwrap()));
         for u in ["1", "2"] {
-            let f = dedup.filter(vec![v("a", &[u])]).await.unwrap();
+            let f = dedup.filter("1", vec![v("a", &[u])]).await.unwrap();
             dedup.settle(f.claim, true).await;
         }
         // "1" left the map for "2": the map is no longer complete, and the disk answers.
-        let f = dedup.filter(vec![v("a", &["1"])]).await.unwrap();
+        let f = dedup.filter("1", vec![v("a", &["1"])]).await.unwrap();
         assert_eq!(f.duplicate_events, 1);
     }
 }

@@ -179,9 +179,7 @@ async fn accept(
     let admitted = state
         .rules
         .admit(&*state.spool, batch, |b| {
-            // What the spool will count: the header and the visitors (once per part, but
-            // the parts are known only after the split; close enough for a quota).
-            (b.header().len() + b.visitors().iter().map(Bytes::len).sum::<usize>()) as u64
+            stored_bytes(b, state.max_batch_bytes, state.max_batch_events)
         })
         .await
         .map_err(rule_error)?;
@@ -214,11 +212,19 @@ async fn accept(
         .map(|b| Payload::from_batch(route.clone(), &b))
         .collect();
     let bytes: usize = payloads.iter().map(Payload::stored_len).sum();
-    let appended = state.spool.append(payloads).await;
-    state
-        .rules
-        .settle(settle, appended.is_ok(), bytes as u64)
-        .await;
+    // Spawned and awaited: a client that goes away (or a shutdown that stops waiting)
+    // drops this future, but not the append, which the spool may commit anyway; the
+    // settle after it must run too, or the claimed uuids would be released unrecorded and
+    // the SDK's retry accepted again.
+    let spool = state.spool.clone();
+    let rules = state.rules.clone();
+    let appended = tokio::spawn(async move {
+        let appended = spool.append(payloads).await;
+        rules.settle(settle, appended.is_ok(), bytes as u64).await;
+        appended
+    })
+    .await
+    .map_err(|e| spool_error(SpoolError::Storage(format!("append task failed: {e}"))))?;
     appended.map_err(spool_error)?;
 
     metrics::counter!("tributary_ingest_events_total").increment(events as u64);
@@ -228,6 +234,32 @@ async fn accept(
         state.forwarder_wake.notify_one();
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What the spool will count for `batch` once split as below (split to fit `max_bytes`,
+/// then at most `max_events` visitors a payload): the header once per payload, and the
+/// visitors with the commas between them. The split is only measured here; a batch that
+/// cannot be split is refused after the quota, so its estimate need not be exact.
+fn stored_bytes(batch: &RawBatch, max_bytes: usize, max_events: usize) -> u64 {
+    let max_events = max_events.max(1);
+    let parts = batch
+        .clone()
+        .split_to_fit(max_bytes)
+        .unwrap_or_else(|_| vec![batch.clone()]);
+    let mut total = 0usize;
+    for part in &parts {
+        let visitors = part.visitors();
+        if visitors.is_empty() {
+            total += part.header().len();
+            continue;
+        }
+        for chunk in visitors.chunks(max_events) {
+            total += part.header().len()
+                + chunk.iter().map(Bytes::len).sum::<usize>()
+                + (chunk.len() - 1);
+        }
+    }
+    total as u64
 }
 
 /// A 503 that asks the client to come back in a second.
@@ -541,6 +573,179 @@ mod tests {
             ) {
                 let _ = crate::ingest::parse_payload(Bytes::from(format!("{prefix}{body}")));
             }
+        }
+    }
+
+    /// A real SQLite spool whose append commits at once (as the writer thread does, even
+    /// when nobody waits for it) but answers only when the test opens the gate.
+    struct GatedSpool {
+        inner: Arc<tributary_spool::SqliteSpool>,
+        gate: Arc<tokio::sync::Semaphore>,
+        committed: Arc<Notify>,
+    }
+
+    #[async_trait::async_trait]
+    impl Spool for GatedSpool {
+        async fn append(&self, payloads: Vec<Payload>) -> Result<(), SpoolError> {
+            let inner = self.inner.clone();
+            let committed = self.committed.clone();
+            let write = tokio::spawn(async move {
+                let r = inner.append(payloads).await;
+                committed.notify_one();
+                r
+            });
+            let _open = self.gate.acquire().await;
+            write
+                .await
+                .map_err(|e| SpoolError::Storage(e.to_string()))?
+        }
+        async fn lease(
+            &self,
+            n: usize,
+            b: usize,
+            d: std::time::Duration,
+        ) -> Result<Vec<tributary_spool::Leased>, SpoolError> {
+            self.inner.lease(n, b, d).await
+        }
+        async fn ack(&self, r: &[tributary_spool::Receipt]) -> Result<(), SpoolError> {
+            self.inner.ack(r).await
+        }
+        async fn release(
+            &self,
+            r: &[tributary_spool::Receipt],
+            d: std::time::Duration,
+        ) -> Result<(), SpoolError> {
+            self.inner.release(r, d).await
+        }
+        async fn dead_letter(
+            &self,
+            r: &[tributary_spool::Receipt],
+            reason: &str,
+        ) -> Result<(), SpoolError> {
+            self.inner.dead_letter(r, reason).await
+        }
+        async fn settle_parts(
+            &self,
+            p: Vec<tributary_spool::PartialSettlement>,
+        ) -> Result<(), SpoolError> {
+            self.inner.settle_parts(p).await
+        }
+        async fn stats(&self) -> Result<tributary_spool::SpoolStats, SpoolError> {
+            self.inner.stats().await
+        }
+        async fn dead_letters(
+            &self,
+            limit: usize,
+        ) -> Result<Vec<tributary_spool::DeadLetter>, SpoolError> {
+            self.inner.dead_letters(limit).await
+        }
+        async fn retry_dead_letters(
+            &self,
+            w: tributary_spool::Selection,
+        ) -> Result<u64, SpoolError> {
+            self.inner.retry_dead_letters(w).await
+        }
+        async fn purge_dead_letters(
+            &self,
+            w: tributary_spool::Selection,
+        ) -> Result<u64, SpoolError> {
+            self.inner.purge_dead_letters(w).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_cut_off_during_the_append_still_records_its_uuids() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner =
+            Arc::new(tributary_spool::SqliteSpool::open(dir.path(), Default::default()).unwrap());
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let committed = Arc::new(Notify::new());
+        let spool = GatedSpool {
+            inner: inner.clone(),
+            gate: gate.clone(),
+            committed: committed.clone(),
+        };
+        let dedup = crate::dedup::Dedup::new(
+            crate::dedup::DedupConfig {
+                window: std::time::Duration::from_secs(600),
+                cache_uuids: 100,
+                max_uuids: 1000,
+            },
+            None,
+        );
+        let state = Arc::new(IngestState {
+            spool: Arc::new(spool),
+            max_body_bytes: 1 << 20,
+            max_batch_bytes: 1 << 20,
+            max_batch_events: 100,
+            auth_tokens: Vec::new(),
+            forwarder_wake: Arc::new(Notify::new()),
+            appended_bytes: Arc::new(AtomicUsize::new(0)),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(1 << 22)),
+            requests: Arc::new(tokio::sync::Semaphore::new(8)),
+            body_timeout: std::time::Duration::from_secs(10),
+            requests_max: 8,
+            rules: Arc::new(crate::rules::IngestRules::with_dedup(dedup)),
+        });
+        let body = r#"{"account_id":"1","anonymize_ip":true,"client_name":"python-sdk","client_version":"5.7.0","enrich_decisions":true,"project_id":"2","revision":"3","visitors":[{"attributes":[],"snapshots":[{"decisions":[],"events":[{"entity_id":"4","key":"k","timestamp":1,"uuid":"u-1"}]}],"visitor_id":"v"}]}"#;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let request = tokio::spawn({
+            let state = state.clone();
+            let headers = headers.clone();
+            async move { post_us(State(state), headers, Body::from(body)).await }
+        });
+        // The write is committed; the client goes away before the answer.
+        committed.notified().await;
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        gate.add_permits(1);
+        // The SDK retries: its event was stored, so the retry is acknowledged and dropped
+        // (waiting, if need be, for the cut-off request's settle).
+        let status = post_us(State(state.clone()), headers, Body::from(body))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            inner.stats().await.unwrap().pending,
+            1,
+            "the retry was stored again: the cut-off request's uuids were not recorded"
+        );
+    }
+
+    #[test]
+    fn the_quota_estimate_is_what_the_split_payloads_store() {
+        let visitor = |i: usize| {
+            format!(
+                r#"{{"attributes":[],"snapshots":[{{"decisions":[],"events":[{{"entity_id":"4","key":"k","timestamp":1,"uuid":"u-{i}"}}]}}],"visitor_id":"v{i}"}}"#
+            )
+        };
+        let visitors: Vec<String> = (0..25).map(visitor).collect();
+        let body = format!(
+            r#"{{"account_id":"1","anonymize_ip":true,"client_name":"python-sdk","client_version":"5.7.0","enrich_decisions":true,"project_id":"2","revision":"3","visitors":[{}]}}"#,
+            visitors.join(",")
+        );
+        let batch = parse(&body).unwrap();
+        for (max_bytes, max_events) in [(1 << 20, 100), (1 << 20, 4), (700, 100), (700, 2)] {
+            let parts = batch.clone().split_to_fit(max_bytes).unwrap();
+            let stored: usize = parts
+                .iter()
+                .flat_map(|b| {
+                    let n = b.visitors().len();
+                    (0..n.max(1))
+                        .step_by(max_events)
+                        .map(move |start| b.slice(start..(start + max_events).min(n)))
+                })
+                .map(|b| Payload::from_batch(Route::US, &b).stored_len())
+                .sum();
+            assert_eq!(
+                stored_bytes(&batch, max_bytes, max_events),
+                stored as u64,
+                "{max_bytes} bytes, {max_events} events"
+            );
         }
     }
 }

@@ -7,12 +7,12 @@
 //! rule did not touch keep their bytes, their order and any field unknown to this code.
 //! Nothing here logs a value it removes or replaces.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use serde::Deserialize;
 use sha2::Sha256;
 
 use crate::json_fields::{Fields, array_items, write_array, write_object};
@@ -142,16 +142,63 @@ pub struct PrivacyCounts {
     pub visitors_rewritten: u64,
 }
 
-/// A visitor the rules could not read: not an object, or a `visitor_id` that is not a
-/// string. The message names the field, never its value.
+/// A visitor the rules could not read: not an object, a `visitor_id` that is not a
+/// string, or (with an attribute rule) `attributes` that is neither an array nor null. The message names the field, never its value.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct PrivacyError(pub String);
 
-#[derive(Deserialize)]
-struct AttributeKey<'a> {
-    #[serde(borrow)]
-    key: Option<std::borrow::Cow<'a, str>>,
+/// The attribute the SDKs send when a bucketing id is set: it often holds the user id
+/// itself, so it is hashed with the visitor id.
+pub const BUCKETING_ID_KEY: &str = "$opt_bucketing_id";
+
+/// `item` with its string `value` replaced by the HMAC, when it is the
+/// [`BUCKETING_ID_KEY`] attribute; `None` otherwise (left as it is).
+fn hash_bucketing_id(key: &HashKey, item: &serde_json::value::RawValue) -> Option<Vec<u8>> {
+    let fields = Fields::parse(item.get().as_bytes()).ok()?;
+    let is_bucketing = fields.0.iter().any(|(k, v)| {
+        k == "key" && serde_json::from_str::<String>(v.get()).is_ok_and(|s| s == BUCKETING_ID_KEY)
+    });
+    if !is_bucketing {
+        return None;
+    }
+    let mut hashed: Vec<Vec<u8>> = Vec::new();
+    for (k, v) in &fields.0 {
+        if k == "value" {
+            // A value that is not a string is not an id the SDK wrote; hashed as text
+            // anyway, so that nothing of it passes.
+            let id = serde_json::from_str::<String>(v.get()).unwrap_or_else(|_| v.get().to_owned());
+            let mut out = Vec::with_capacity(66);
+            let _ = serde_json::to_writer(&mut out, &key.hash(&id));
+            hashed.push(out);
+        }
+    }
+    let mut next = hashed.iter();
+    Some(write_object(fields.raw().enumerate().map(|(i, (k, v))| {
+        if fields.0[i].0 == "value" {
+            (k, next.next().map_or(v, Vec::as_slice))
+        } else {
+            (k, v)
+        }
+    })))
+}
+
+/// Whether `rule` keeps one attribute item, judged by every occurrence of `key` in it (a
+/// reader downstream may take any one of them): an item that is not an object, or whose
+/// `key` is not a string, cannot be judged and is dropped, so a rule never lets through
+/// what it could not read.
+fn keeps_item(rule: &AttributeRule, item: &serde_json::value::RawValue) -> bool {
+    let Ok(fields) = Fields::parse(item.get().as_bytes()) else {
+        return false;
+    };
+    let mut keys = fields.0.iter().filter(|(k, _)| k == "key").peekable();
+    if keys.peek().is_none() {
+        return rule.keeps(None);
+    }
+    keys.all(|(_, raw)| match serde_json::from_str::<String>(raw.get()) {
+        Ok(key) => rule.keeps(Some(&key)),
+        Err(_) => false,
+    })
 }
 
 impl PrivacyRule {
@@ -184,25 +231,47 @@ impl PrivacyRule {
                     counts.visitor_ids_hashed += 1;
                     changed = true;
                 }
-                "attributes" if self.attributes != AttributeRule::KeepAll => {
-                    // Not an array: the upstream's to judge, as the relay does not check it.
+                "attributes"
+                    if self.attributes != AttributeRule::KeepAll
+                        || self.hash_visitor_ids.is_some() =>
+                {
+                    // Anything but an array (or null) could hide an attribute the rule
+                    // must remove: refused, rather than stored and forwarded as it is.
                     let Some(items) = array_items(raw) else {
-                        continue;
+                        if raw.get() == "null" {
+                            continue;
+                        }
+                        return Err(PrivacyError(
+                            "attributes: must be an array (or null) where attribute rules or \
+                             visitor id hashing apply"
+                                .into(),
+                        ));
                     };
-                    let kept: Vec<&[u8]> = items
+                    let mut hashed_any = false;
+                    let kept: Vec<Cow<'_, [u8]>> = items
                         .iter()
                         .filter(|item| {
-                            let key = serde_json::from_str::<AttributeKey<'_>>(item.get())
-                                .ok()
-                                .and_then(|a| a.key);
-                            self.attributes.keeps(key.as_deref())
+                            self.attributes == AttributeRule::KeepAll
+                                || keeps_item(&self.attributes, item)
                         })
-                        .map(|item| item.get().as_bytes())
+                        .map(|item| {
+                            let hashed = self
+                                .hash_visitor_ids
+                                .as_ref()
+                                .and_then(|key| hash_bucketing_id(key, item));
+                            match hashed {
+                                Some(new) => {
+                                    hashed_any = true;
+                                    Cow::Owned(new)
+                                }
+                                None => Cow::Borrowed(item.get().as_bytes()),
+                            }
+                        })
                         .collect();
                     let dropped = items.len() - kept.len();
-                    if dropped > 0 {
+                    if dropped > 0 || hashed_any {
                         counts.attributes_dropped += dropped as u64;
-                        replaced[i] = Some(write_array(kept));
+                        replaced[i] = Some(write_array(kept.iter().map(AsRef::as_ref)));
                         changed = true;
                     }
                 }
@@ -213,12 +282,12 @@ impl PrivacyRule {
             return Ok(None);
         }
         counts.visitors_rewritten += 1;
-        let out = write_object(fields.0.iter().zip(&replaced).map(|((k, raw), new)| {
-            (
-                k.as_str(),
-                new.as_deref().unwrap_or_else(|| raw.get().as_bytes()),
-            )
-        }));
+        let out = write_object(
+            fields
+                .raw()
+                .zip(&replaced)
+                .map(|((k, raw), new)| (k, new.as_deref().unwrap_or(raw))),
+        );
         Ok(Some(Bytes::from(out)))
     }
 }
@@ -304,6 +373,105 @@ mod tests {
         assert_eq!(
             key.hash("what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn attributes_that_are_not_an_array_are_refused_and_null_passes() {
+        let rule = PrivacyRule {
+            attributes: AttributeRule::Drop(set(&["email"])),
+            hash_visitor_ids: None,
+        };
+        let mut counts = PrivacyCounts::default();
+        for attributes in [
+            r#"{"key":"email","value":"a@b.c"}"#,
+            r#""email=a@b.c""#,
+            "3",
+        ] {
+            let visitor = format!(r#"{{"visitor_id":"v","attributes":{attributes}}}"#);
+            let err = rule.apply(visitor.as_bytes(), &mut counts).unwrap_err();
+            assert!(err.0.starts_with("attributes:"), "{}", err.0);
+            assert!(!err.0.contains("a@b.c"), "{}", err.0);
+        }
+        let visitor = br#"{"visitor_id":"v","attributes":null}"#;
+        assert!(rule.apply(visitor, &mut counts).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_item_whose_key_cannot_be_read_is_dropped_and_every_key_counts() {
+        let rule = PrivacyRule {
+            attributes: AttributeRule::Drop(set(&["email"])),
+            hash_visitor_ids: None,
+        };
+        let visitor = br#"{"visitor_id":"v","attributes":[{"key":"country","key":"email","value":"a@b.c"},{"key":7,"value":"a@b.c"},"a@b.c",[1],{"key":"country","value":"DE"}]}"#;
+        let mut counts = PrivacyCounts::default();
+        let out = rule.apply(visitor, &mut counts).unwrap().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"visitor_id":"v","attributes":[{"key":"country","value":"DE"}]}"#
+        );
+        assert_eq!(counts.attributes_dropped, 4);
+        // The allow-list judges a repeated key the same way.
+        let allow = PrivacyRule {
+            attributes: AttributeRule::Allow(set(&["country"])),
+            hash_visitor_ids: None,
+        };
+        let out = allow.apply(visitor, &mut counts).unwrap().unwrap();
+        assert!(!std::str::from_utf8(&out).unwrap().contains("a@b.c"));
+    }
+
+    #[test]
+    fn a_touched_visitor_keeps_odd_numbers_and_escapes_as_written() {
+        let rule = PrivacyRule {
+            attributes: AttributeRule::Drop(set(&["email"])),
+            hash_visitor_ids: Some(HashKey::from_file_bytes(b"k")),
+        };
+        let visitor = br#"{"snapshots":[{"events":[{"uuid":"a\/b","revenue":123456789012345678901234567890,"value":1e400,"tags":{"p":"x\/y","n":-0.0}}]}],"attributes":[{"key":"email","value":"a@b.c"},{"key":"n","value":1E+2}],"visitor_id":"u"}"#;
+        let mut counts = PrivacyCounts::default();
+        let out = rule.apply(visitor, &mut counts).unwrap().unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        for kept in [
+            r#""uuid":"a\/b""#,
+            r#""revenue":123456789012345678901234567890"#,
+            r#""value":1e400"#,
+            r#""p":"x\/y""#,
+            r#""n":-0.0"#,
+            r#"{"key":"n","value":1E+2}"#,
+        ] {
+            assert!(text.contains(kept), "{kept} was rewritten: {text}");
+        }
+        assert!(!text.contains("a@b.c"), "{text}");
+    }
+
+    #[test]
+    fn the_bucketing_id_is_hashed_with_the_visitor_id() {
+        let key = HashKey::from_file_bytes(b"k");
+        let rule = PrivacyRule {
+            attributes: AttributeRule::KeepAll,
+            hash_visitor_ids: Some(key.clone()),
+        };
+        let visitor = br#"{"attributes":[{"entity_id":"$opt_bucketing_id","key":"$opt_bucketing_id","type":"custom","value":"user-1"},{"key":"country","value":"DE"}],"visitor_id":"user-1"}"#;
+        let mut counts = PrivacyCounts::default();
+        let out = rule.apply(visitor, &mut counts).unwrap().unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(!text.contains("user-1"), "{text}");
+        let hashed = key.hash("user-1");
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"attributes":[{{"entity_id":"$opt_bucketing_id","key":"$opt_bucketing_id","type":"custom","value":"{hashed}"}},{{"key":"country","value":"DE"}}],"visitor_id":"{hashed}"}}"#
+            )
+        );
+        // Without hashing it is an attribute like any other (kept by an allow-list).
+        let allow = PrivacyRule {
+            attributes: AttributeRule::Allow(set(&[])),
+            hash_visitor_ids: None,
+        };
+        let out = allow.apply(visitor, &mut counts).unwrap().unwrap();
+        assert!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .contains(r#""value":"user-1""#)
         );
     }
 }

@@ -167,7 +167,27 @@ impl TokenRateLimit {
             b.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
+            // A rate too small (or not a number) makes no Duration: the longest wait told.
+            Err(Duration::try_from_secs_f64((1.0 - b.tokens) / self.rate)
+                .map_or(MAX_RATE_WAIT, |w| w.min(MAX_RATE_WAIT)))
+        }
+    }
+}
+
+/// The longest wait [`TokenRateLimit::take`] reports (`Retry-After`), whatever the rate.
+pub const MAX_RATE_WAIT: Duration = Duration::from_secs(3600);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_tiny_rate_reports_the_longest_wait_instead_of_panicking() {
+        for rate in [1e-300, 0.0, f64::MIN_POSITIVE] {
+            let limit = TokenRateLimit::new(rate, 1, 1);
+            assert!(limit.take(0).is_ok());
+            assert_eq!(limit.take(0), Err(MAX_RATE_WAIT), "rate {rate}");
         }
     }
 }

@@ -136,6 +136,15 @@ impl IngestRules {
         })
     }
 
+    /// Only a duplicate filter (for tests of the ingest path).
+    #[cfg(test)]
+    pub(crate) fn with_dedup(dedup: Dedup) -> IngestRules {
+        IngestRules {
+            dedup: Some(dedup),
+            ..IngestRules::default()
+        }
+    }
+
     /// Whether any rule applies to payloads (else the stage is skipped).
     pub fn is_noop(&self) -> bool {
         self.privacy.is_noop() && self.dedup.is_none() && self.quota.is_none()
@@ -195,10 +204,13 @@ impl IngestRules {
         }
         let mut claim = None;
         if let Some(dedup) = &self.dedup {
-            let filtered = dedup.filter(visitors).await.map_err(|e| match e {
-                DedupError::InFlight => RuleError::InFlight(e.to_string()),
-                DedupError::Store(s) => RuleError::Storage(s),
-            })?;
+            let filtered = dedup
+                .filter(&account, visitors)
+                .await
+                .map_err(|e| match e {
+                    DedupError::InFlight => RuleError::InFlight(e.to_string()),
+                    DedupError::Store(s) => RuleError::Storage(s),
+                })?;
             if filtered.duplicate_events > 0 {
                 let label = self.labels.label(&account);
                 metrics::counter!("tributary_ingest_duplicate_events_total", "account" => label.clone())

@@ -193,8 +193,13 @@ impl RelayConfig {
             }
         }
         if let Some(rate) = self.token_rate_limit {
-            if !(rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0) {
-                return invalid("token-rate-limit", "must be above 0 and at most 1000000");
+            // Below a request in 1000 s, the wait until the next one is not worth telling
+            // (and a tiny rate would make that wait overflow a Duration).
+            if !(rate.is_finite() && (0.001..=1_000_000.0).contains(&rate)) {
+                return invalid(
+                    "token-rate-limit",
+                    "must be at least 0.001 and at most 1000000",
+                );
             }
             if self.auth_tokens.is_empty() {
                 return invalid(

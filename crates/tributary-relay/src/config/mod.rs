@@ -198,6 +198,17 @@ impl ConfigError {
 impl RelaySettings {
     /// Resolves `self` (flags and env) over `file` over the defaults, and checks the result.
     pub fn resolve(self, file: RelaySettings) -> Result<RelayConfig, ConfigError> {
+        // Checked before layering: the layers meet as JSON, where NaN becomes null, which
+        // would read as "no limit".
+        if [&file, &self]
+            .iter()
+            .any(|s| s.token_rate_limit.is_some_and(f64::is_nan))
+        {
+            return Err(ConfigError::Invalid {
+                name: "token-rate-limit",
+                message: "must be at least 0.001 and at most 1000000".to_owned(),
+            });
+        }
         LayeredSettings::layer(&[&file, &self])?.into_config()
     }
 }

@@ -318,6 +318,18 @@ fn privacy_and_fair_share_mistakes_are_named() {
         ..Default::default()
     };
     refused(burst_alone, "token-burst");
+    for rate in [1e-300, 0.0009, 2e6, f64::NAN] {
+        let tiny = RelaySettings {
+            token_rate_limit: Some(rate),
+            auth_tokens: Some(vec!["t".into()]),
+            ..Default::default()
+        };
+        let err = s_resolve_err(tiny, rate);
+        assert!(
+            err.contains("token-rate-limit") && err.contains("at least 0.001"),
+            "{rate}: {err}"
+        );
+    }
     let window = RelaySettings {
         dedup_window: Some("90days".parse().unwrap()),
         ..Default::default()
@@ -325,4 +337,11 @@ fn privacy_and_fair_share_mistakes_are_named() {
     refused(window, "dedup-window");
     let labels: RelaySettings = toml::from_str("max-account-labels = 1000000\n").unwrap();
     refused(labels, "max-account-labels");
+}
+
+fn s_resolve_err(s: RelaySettings, rate: f64) -> String {
+    match s.resolve(RelaySettings::default()) {
+        Ok(_) => panic!("token-rate-limit {rate} was accepted"),
+        Err(e) => e.to_string(),
+    }
 }

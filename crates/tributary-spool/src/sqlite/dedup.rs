@@ -6,9 +6,11 @@
 //! the write lock behind every group commit, and every group commit behind it. Here the
 //! two files commit side by side.
 //!
-//! Keys are the first 16 bytes of SHA-256 of the uuid text, not the uuid: fixed-size rows
-//! whatever a client sends as a uuid, and a collision (about one in 2^64 at a billion
-//! keys) costs one dropped event at worst.
+//! Keys are the first 16 bytes of SHA-256 of the account id, a zero byte and the uuid
+//! text, not the uuid: an account's uuids never match another account's (one team cannot
+//! suppress another's events by sending its uuids), rows have a fixed size whatever a
+//! client sends as a uuid, and a collision (about one in 2^64 at a billion keys) costs
+//! one dropped event at worst.
 //!
 //! Rows are kept in insertion order (rowid), which is time order: expiry deletes a prefix
 //! of the table, and the bound on rows deletes the oldest first, both without an index on
@@ -27,16 +29,24 @@ pub const DEDUP_FILE: &str = "dedup.db";
 /// One remembered uuid: 16 bytes of its SHA-256 (see [`dedup_key`]).
 pub type DedupKey = [u8; 16];
 
-/// The key of a uuid as [`DedupStore`] stores it.
+/// The key of `account`'s event `uuid` as [`DedupStore`] stores it: SHA-256 of
+/// `account ‖ 0x00 ‖ uuid`, so the same uuid under two accounts gives two keys.
 ///
 /// ```
 /// use tributary_spool::dedup_key;
-/// assert_eq!(dedup_key("a"), dedup_key("a"));
-/// assert_ne!(dedup_key("a"), dedup_key("b"));
+/// assert_eq!(dedup_key("1", "a"), dedup_key("1", "a"));
+/// assert_ne!(dedup_key("1", "a"), dedup_key("1", "b"));
+/// assert_ne!(dedup_key("1", "a"), dedup_key("2", "a"));
+/// // The separator keeps the two parts apart.
+/// assert_ne!(dedup_key("1", "2a"), dedup_key("12", "a"));
 /// ```
-pub fn dedup_key(uuid: &str) -> DedupKey {
+pub fn dedup_key(account: &str, uuid: &str) -> DedupKey {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(uuid.as_bytes());
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(account.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(uuid.as_bytes());
+    let digest = hasher.finalize();
     let mut key = [0u8; 16];
     key.copy_from_slice(&digest[..16]);
     key
@@ -62,7 +72,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS seen_key ON seen(key);
 /// use tributary_spool::{DedupStore, dedup_key};
 /// let dir = tempfile::tempdir().unwrap();
 /// let store = DedupStore::open(dir.path()).unwrap();
-/// let k = dedup_key("5b1e-...");
+/// let k = dedup_key("1", "5b1e-...");
 /// assert_eq!(store.seen_since(&[k], 0).unwrap(), vec![false]);
 /// store.record(&[k], 1_000).unwrap();
 /// assert_eq!(store.seen_since(&[k], 500).unwrap(), vec![true]);
@@ -243,7 +253,7 @@ mod tests {
     fn expiry_keeps_the_window_and_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         let store = DedupStore::open(dir.path()).unwrap();
-        let keys: Vec<DedupKey> = (0..100).map(|i| dedup_key(&i.to_string())).collect();
+        let keys: Vec<DedupKey> = (0..100).map(|i| dedup_key("1", &i.to_string())).collect();
         for (i, k) in keys.iter().enumerate() {
             store.record(&[*k], i as i64).unwrap();
         }
@@ -267,7 +277,7 @@ mod tests {
     #[test]
     fn survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let k = dedup_key("u");
+        let k = dedup_key("1", "u");
         DedupStore::open(dir.path())
             .unwrap()
             .record(&[k], 7)
