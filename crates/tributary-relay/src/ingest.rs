@@ -14,7 +14,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 use tributary::raw::ShapeError;
 use tributary::{RawBatch, RawBatchError};
@@ -31,7 +30,7 @@ pub struct IngestState {
     /// ... and at most this many visitors, so that no upstream request carries more.
     pub max_batch_events: usize,
     /// Accepted bearer tokens; empty means no authentication.
-    pub auth_tokens: Vec<String>,
+    pub auth_tokens: crate::auth::BearerTokens,
     /// Woken when enough has been appended to fill a batch.
     pub forwarder_wake: Arc<Notify>,
     /// Bytes appended since the forwarder last looked.
@@ -137,7 +136,10 @@ async fn accept(
             state.requests_max
         ))
     })?;
-    let token = authenticate(&state.auth_tokens, headers)?;
+    let token = state
+        .auth_tokens
+        .check(headers)
+        .map_err(|e| IngestError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
     state.rules.check_rate(token).map_err(|wait| IngestError {
         retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
         ..IngestError::new(
@@ -358,40 +360,6 @@ fn spool_error(e: SpoolError) -> IngestError {
     }
 }
 
-/// Checks the bearer token; returns which of `tokens` it is (`None` when no token is
-/// required).
-fn authenticate(tokens: &[String], headers: &HeaderMap) -> Result<Option<usize>, IngestError> {
-    if tokens.is_empty() {
-        return Ok(None);
-    }
-    // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `BEARER` and `Bearer`.
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim_start().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-        .filter(|token| !token.is_empty());
-    let Some(given) = given else {
-        return Err(IngestError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer token",
-        ));
-    };
-    // Compare against every token, without stopping early, in constant time per token.
-    let mut matched = None;
-    for (i, t) in tokens.iter().enumerate() {
-        if bool::from(t.as_bytes().ct_eq(given.as_bytes())) {
-            matched = Some(i);
-        }
-    }
-    if let Some(i) = matched {
-        Ok(Some(i))
-    } else {
-        Err(IngestError::new(StatusCode::UNAUTHORIZED, "invalid token"))
-    }
-}
-
 fn check_content_type(headers: &HeaderMap) -> Result<(), IngestError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -516,24 +484,6 @@ mod tests {
                 .unwrap()
                 .contains(r#""region":"EU""#)
         );
-    }
-
-    #[test]
-    fn auth_is_checked_when_configured() {
-        let tokens = vec!["s3cret".to_owned(), "other".to_owned()];
-        let mut h = HeaderMap::new();
-        assert!(authenticate(&tokens, &h).is_err());
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer nope"),
-        );
-        assert!(authenticate(&tokens, &h).is_err());
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer other"),
-        );
-        assert!(authenticate(&tokens, &h).is_ok());
-        assert!(authenticate(&[], &HeaderMap::new()).is_ok());
     }
 
     #[test]
@@ -678,7 +628,7 @@ mod tests {
             max_body_bytes: 1 << 20,
             max_batch_bytes: 1 << 20,
             max_batch_events: 100,
-            auth_tokens: Vec::new(),
+            auth_tokens: crate::auth::BearerTokens::default(),
             forwarder_wake: Arc::new(Notify::new()),
             appended_bytes: Arc::new(AtomicUsize::new(0)),
             body_budget: Arc::new(tokio::sync::Semaphore::new(1 << 22)),

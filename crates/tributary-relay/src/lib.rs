@@ -29,6 +29,7 @@
 //! `bench`); the store-and-forward machinery itself lives in [`tributary_spool::forward`].
 
 pub mod account_labels;
+pub mod auth;
 pub mod bench;
 pub mod cmd_drain;
 pub mod cmd_event;

@@ -190,7 +190,7 @@ impl Relay {
             max_body_bytes: config.max_body_bytes,
             max_batch_bytes: config.max_batch_bytes,
             max_batch_events: config.max_batch_events,
-            auth_tokens: config.auth_tokens.clone(),
+            auth_tokens: crate::auth::BearerTokens::new(&config.auth_tokens),
             forwarder_wake: wake.clone(),
             appended_bytes: appended.clone(),
             body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),

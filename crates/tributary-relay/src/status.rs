@@ -31,14 +31,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::auth::{AuthError, BearerTokens};
 use axum::Json;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::sync::{Semaphore, watch};
 use tributary_spool::forward::{Forwarder, RouteHealth};
 use tributary_spool::{DeadLetterSummary, Selection, Spool, SpoolStats};
@@ -63,9 +62,8 @@ pub struct StatusState {
     forwarder: Arc<Forwarder>,
     forwarding: bool,
     backlog_counted: bool,
-    /// SHA-256 of each accepted token: compared digest to digest, so the time a compare
-    /// takes tells nothing of a token's length or content.
-    auth_digests: Vec<[u8; 32]>,
+    /// `--auth-tokens`, checked as ingest checks them.
+    auth_tokens: BearerTokens,
     history: Mutex<VecDeque<Sample>>,
     /// One report built at a time; the last one, reused for [`REPORT_CACHE`].
     building: Semaphore,
@@ -174,7 +172,7 @@ impl StatusState {
             forwarder,
             forwarding,
             backlog_counted,
-            auth_digests: auth_tokens.iter().map(|t| digest(t)).collect(),
+            auth_tokens: BearerTokens::new(&auth_tokens),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_SAMPLES)),
             building: Semaphore::new(1),
             cached: Mutex::new(None),
@@ -297,31 +295,10 @@ impl StatusState {
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), StatusError> {
-        if self.auth_digests.is_empty() {
-            return Ok(());
-        }
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim_start().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
-            .filter(|token| !token.is_empty())
-            .ok_or(StatusError::Unauthorized(
-                "missing Authorization: Bearer token",
-            ))?;
-        // Every token's digest compared, in constant time each: equal-length inputs, so
-        // neither a token's length nor which token matched shows in the timing.
-        let given = digest(given);
-        let ok = self
-            .auth_digests
-            .iter()
-            .fold(0u8, |acc, t| acc | u8::from(bool::from(t.ct_eq(&given))));
-        if ok == 1 {
-            Ok(())
-        } else {
-            Err(StatusError::Unauthorized("unknown token"))
-        }
+        self.auth_tokens
+            .check(headers)
+            .map(|_| ())
+            .map_err(StatusError::Unauthorized)
     }
 }
 
@@ -337,10 +314,6 @@ impl From<DeadLetterSummary> for DeadLetterView {
             dead_at_ms: d.dead_at_ms,
         }
     }
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -373,7 +346,7 @@ pub fn router(state: Arc<StatusState>) -> Router {
 #[derive(Debug, thiserror::Error)]
 enum StatusError {
     #[error("{0}")]
-    Unauthorized(&'static str),
+    Unauthorized(AuthError),
     #[error("{0}")]
     BadRequest(String),
     #[error("spool: {0}")]
