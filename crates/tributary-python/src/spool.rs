@@ -71,6 +71,14 @@ impl InProcessForwarder {
     }
 }
 
+impl Drop for InProcessForwarder {
+    /// Dropped without [`stop`](Self::stop) (a dispatcher garbage-collected unclosed): the
+    /// thread ends after its current cycle; what is spooled stays for the next start.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 /// The dispatcher for `setting`, and the forwarder to run beside it (SQLite only).
 pub(crate) fn open(
     setting: &SpoolSetting,
@@ -163,7 +171,13 @@ async fn forward_until_stopped(forwarder: &Forwarder, mut stop: watch::Receiver<
         if !more {
             tokio::select! {
                 _ = tokio::time::sleep(idle) => {}
-                _ = stop.changed() => {}
+                changed = stop.changed() => {
+                    // The sender is gone (its owner dropped without stop()): stop too, or
+                    // `changed()` returns at once forever and this spins.
+                    if changed.is_err() {
+                        return;
+                    }
+                }
             }
         }
     }
