@@ -118,7 +118,21 @@ impl EventDispatcher for SdkDispatcher {
         }
         match &self.target {
             // The GIL is not held here: Rust sends while Python runs.
-            Target::Rust(inner) => inner.dispatch_with_deadline(log_event, deadline),
+            Target::Rust(inner) => {
+                let sent = inner.dispatch_with_deadline(log_event, deadline);
+                if let Err(e) = &sent {
+                    // After the dispatcher's own retries: final. tracing has no subscriber
+                    // in a Python process, so the user's logger says it.
+                    Python::attach(|py| {
+                        self.log(
+                            py,
+                            "error",
+                            &format!("Error dispatching event: {} {e}", log_event.url),
+                        )
+                    });
+                }
+                sent
+            }
             Target::Python(_) => Ok(()),
         }
     }
