@@ -43,6 +43,9 @@ struct Counters {
     accepted: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_stopped: AtomicU64,
+    /// Accepted, then not taken by the batcher because `stop()` closed it first (the
+    /// converter was still behind at the `timeout_interval` deadline).
+    dropped_at_stop: AtomicU64,
     invalid: AtomicU64,
     full_logged: AtomicBool,
     stopped_logged: AtomicBool,
@@ -125,6 +128,8 @@ pub(crate) struct BatchEventProcessor {
     sdk_logger: Py<PyAny>,
     event_dispatcher: Option<Py<PyAny>>,
     notification_center: Option<Py<PyAny>>,
+    /// The process that created the processor: a SQLite spool is only usable there.
+    created_pid: u32,
     // Locked only while the GIL is held and never across a release of it, so no other
     // thread holds it when `os.fork()` (which holds the GIL) runs.
     epoch: Mutex<Epoch>,
@@ -189,6 +194,14 @@ impl BatchEventProcessor {
                     .map_err(|e| PyValueError::new_err(format!("spool={s:?}: {e}")))?,
             ),
         };
+        if spool.is_some() && (gzip || auth_token.as_ref().is_some_and(|t| !t.is_none())) {
+            // The in-process forwarder (and `tributary drain` for SQS) sends with its own
+            // settings: an accepted token or gzip flag would be silently ignored.
+            return Err(PyValueError::new_err(
+                "auth_token and gzip apply to the HTTP mode only: with spool=, requests are \
+                 forwarded without them (a relay with --auth-tokens would refuse them)",
+            ));
+        }
         if spool.is_some() && event_dispatcher.is_some() {
             return Err(PyValueError::new_err(
                 "spool and event_dispatcher exclude each other: with a spool, Tributary writes each batch to it",
@@ -212,7 +225,8 @@ impl BatchEventProcessor {
                 "timeout_interval",
                 timeout_interval.as_ref(),
                 options::DEFAULT_TIMEOUT_INTERVAL,
-                false,
+                // 0 would give conversion and delivery no time: everything queued lost.
+                true,
             )?,
             queue_capacity: int_option(
                 "queue_capacity",
@@ -244,6 +258,12 @@ impl BatchEventProcessor {
         let given = logger.filter(|l| !l.is_none());
         // The SDK's own helpers (tag parsing) log to the user's logger, or nowhere, as in
         // the SDK; this processor's warnings go to `tributary_events` when none is given.
+        // The SDK's SimpleLogger/NoOpLogger have no-op methods of their own: the SDK
+        // adapts them to a `logging.Logger` first, so does this.
+        let given = match given {
+            Some(l) => Some(helpers.call_method1("adapt_logger", (l,))?),
+            None => None,
+        };
         let sdk_logger = match &given {
             Some(l) => l.clone().unbind(),
             None => helpers.call_method0("no_op_logger")?.unbind(),
@@ -262,6 +282,7 @@ impl BatchEventProcessor {
             notification_center: notification_center
                 .filter(|n| !n.is_none())
                 .map(Bound::unbind),
+            created_pid: std::process::id(),
         };
         if start_on_init {
             processor.start_locked(py, &mut lock(&processor.epoch))?;
@@ -285,6 +306,7 @@ impl BatchEventProcessor {
                 type_name(user_event)
             )));
         }
+        self.check_process()?;
         let epoch = lock(&self.epoch);
         let counters = &epoch.counters;
         if epoch.phase == Phase::Stopped {
@@ -318,7 +340,14 @@ impl BatchEventProcessor {
 
     /// Starts the threads (a no-op with a warning when already running).
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        self.start_locked(py, &mut lock(&self.epoch))
+        self.check_process()?;
+        let started = self.start_locked(py, &mut lock(&self.epoch))?;
+        // Logged without the lock: Python code may switch threads, and one waiting for
+        // the lock holds the GIL.
+        if !started {
+            self.log(py, "warning", "BatchEventProcessor already started.");
+        }
+        Ok(())
     }
 
     /// Sends what is batched so far, without waiting.
@@ -347,7 +376,13 @@ impl BatchEventProcessor {
                 }
                 return;
             }
-            (epoch.tx.clone(), epoch.running.take())
+            // The converter's only sender goes with this call: once `Stop` is taken or the
+            // queue is drained, it ends, even when `Stop` could not be queued in time.
+            let (closed, _) = bounded(0);
+            (
+                std::mem::replace(&mut epoch.tx, closed),
+                epoch.running.take(),
+            )
         };
         let Some(running) = running else { return };
         let timeout = self.settings.timeout_interval;
@@ -356,8 +391,11 @@ impl BatchEventProcessor {
             let deadline = Instant::now() + timeout;
             // Every event queued before this is converted and handed to the batcher first.
             let _ = tx.send_deadline(Msg::Stop, deadline);
+            let behind = tx.len();
+            drop(tx);
             let converted = running.done.recv_deadline(deadline).is_ok();
-            let report = running.rust.close();
+            // Within the caller's `timeout_interval`, not a fresh one after conversion.
+            let report = running.rust.close_within(deadline);
             if converted {
                 let _ = running.converter.join();
             }
@@ -365,9 +403,9 @@ impl BatchEventProcessor {
                 // What is spooled and not forwarded by the deadline stays in the spool.
                 f.stop(deadline);
             }
-            (report, converted)
+            (report, converted, behind)
         });
-        let (report, converted) = report;
+        let (report, converted, behind) = report;
         {
             let mut epoch = lock(&self.epoch);
             if epoch.phase == Phase::Stopped {
@@ -375,7 +413,7 @@ impl BatchEventProcessor {
             }
         }
         if !converted {
-            self.log(py, "warning", &format!("BatchEventProcessor stop(): queued events were still being converted at the {timeout:?} timeout"));
+            self.log(py, "warning", &format!("BatchEventProcessor stop(): events were still being converted at the {timeout:?} timeout ({behind} still queued): those the converter reaches now are dropped, counted in stats()[\"dropped_at_stop\"]"));
         }
         if !report.is_complete() {
             self.log(
@@ -410,37 +448,47 @@ impl BatchEventProcessor {
 
     /// The processor's counters, as a dict of ints (see docs/python.md).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let epoch = lock(&self.epoch);
-        let c = &epoch.counters;
+        // Values copied out under the lock; the dict is built without it (building can run
+        // Python code, which can switch to a thread that waits for the lock with the GIL).
+        let values = {
+            let epoch = lock(&self.epoch);
+            let c = &epoch.counters;
+            let rust = epoch
+                .running
+                .as_ref()
+                .map(|r| &r.rust)
+                .or(epoch.finished.as_ref())
+                .map(|r| r.stats())
+                .unwrap_or_default();
+            let dc = &epoch.dispatch_counters;
+            [
+                ("accepted", c.accepted.load(Ordering::Relaxed)),
+                (
+                    "dropped_queue_full",
+                    c.dropped_queue_full.load(Ordering::Relaxed),
+                ),
+                ("dropped_stopped", c.dropped_stopped.load(Ordering::Relaxed)),
+                ("dropped_at_stop", c.dropped_at_stop.load(Ordering::Relaxed)),
+                ("invalid", c.invalid.load(Ordering::Relaxed)),
+                ("queued", epoch.tx.len() as u64),
+                ("dispatched", rust.events_dispatched),
+                ("failed", rust.events_failed),
+                ("requests", rust.requests()),
+                ("pending", rust.pending()),
+                (
+                    "dispatcher_errors",
+                    dc.dispatcher_errors.load(Ordering::Relaxed),
+                ),
+                (
+                    "notification_errors",
+                    dc.notification_errors.load(Ordering::Relaxed),
+                ),
+            ]
+        };
         let d = PyDict::new(py);
-        d.set_item("accepted", c.accepted.load(Ordering::Relaxed))?;
-        d.set_item(
-            "dropped_queue_full",
-            c.dropped_queue_full.load(Ordering::Relaxed),
-        )?;
-        d.set_item("dropped_stopped", c.dropped_stopped.load(Ordering::Relaxed))?;
-        d.set_item("invalid", c.invalid.load(Ordering::Relaxed))?;
-        d.set_item("queued", epoch.tx.len())?;
-        let rust = epoch
-            .running
-            .as_ref()
-            .map(|r| &r.rust)
-            .or(epoch.finished.as_ref())
-            .map(|r| r.stats())
-            .unwrap_or_default();
-        d.set_item("dispatched", rust.events_dispatched)?;
-        d.set_item("failed", rust.events_failed)?;
-        d.set_item("requests", rust.requests())?;
-        d.set_item("pending", rust.pending())?;
-        let dc = &epoch.dispatch_counters;
-        d.set_item(
-            "dispatcher_errors",
-            dc.dispatcher_errors.load(Ordering::Relaxed),
-        )?;
-        d.set_item(
-            "notification_errors",
-            dc.notification_errors.load(Ordering::Relaxed),
-        )?;
+        for (k, v) in values {
+            d.set_item(k, v)?;
+        }
         Ok(d)
     }
 
@@ -456,7 +504,7 @@ impl BatchEventProcessor {
         let was_running = old.phase == Phase::Running;
         // Its threads are the parent's; touching its channel or joining them could hang.
         std::mem::forget(old);
-        if was_running {
+        if was_running && !self.sqlite_spool() {
             self.start_locked(py, &mut epoch)?;
         }
         Ok(())
@@ -479,12 +527,28 @@ impl BatchEventProcessor {
         let _ = self.logger.bind(py).call_method1(level, (message,));
     }
 
-    fn start_locked(&self, py: Python<'_>, epoch: &mut Epoch) -> PyResult<()> {
+    fn sqlite_spool(&self) -> bool {
+        matches!(self.settings.spool, Some(SpoolSetting::Sqlite(_)))
+    }
+
+    /// A SQLite spool opened in a forked child would share the parent's in-process SQLite
+    /// state (locks, WAL index): refused, with what to do instead.
+    fn check_process(&self) -> PyResult<()> {
+        if self.sqlite_spool() && std::process::id() != self.created_pid {
+            return Err(PyRuntimeError::new_err(format!(
+                "this BatchEventProcessor(spool=PATH) was created in process {} before fork(): \
+                 a SQLite spool cannot be used across fork; create the processor after the fork \
+                 (gunicorn post_fork or no --preload, uWSGI --lazy-apps or @postfork)",
+                self.created_pid
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts the threads; `Ok(false)` when already running (nothing done).
+    fn start_locked(&self, py: Python<'_>, epoch: &mut Epoch) -> PyResult<bool> {
         match epoch.phase {
-            Phase::Running => {
-                self.log(py, "warning", "BatchEventProcessor already started.");
-                return Ok(());
-            }
+            Phase::Running => return Ok(false),
             Phase::Stopped => *epoch = Epoch::new(self.settings.queue_capacity),
             Phase::Idle => {}
         }
@@ -574,7 +638,7 @@ impl BatchEventProcessor {
             done,
         });
         epoch.phase = Phase::Running;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -621,18 +685,46 @@ fn convert_loop(
                 }
             }
         });
+        let (mut stuck, mut closed) = (0u64, 0u64);
+        let mut stop = false;
         for item in items.drain(..) {
             match item {
                 Item::Event(e) => match rust.process_timeout(*e, FEED_TIMEOUT) {
                     Ok(()) => {}
-                    Err(ProcessError::QueueFull) => {
-                        tracing::error!("batcher queue full for {FEED_TIMEOUT:?}: event dropped");
-                    }
-                    Err(e) => tracing::error!("event not taken by the batcher: {e}"),
+                    Err(ProcessError::QueueFull) => stuck += 1,
+                    // Closed by a `stop()` that timed out before conversion got here.
+                    Err(_) => closed += 1,
                 },
                 Item::Flush => rust.flush(),
-                Item::Stop => return,
+                Item::Stop => {
+                    stop = true;
+                    break;
+                }
             }
+        }
+        if stuck + closed > 0 {
+            counters
+                .dropped_queue_full
+                .fetch_add(stuck, Ordering::Relaxed);
+            counters
+                .dropped_at_stop
+                .fetch_add(closed, Ordering::Relaxed);
+            // tracing has no subscriber in a Python process: the user's logger it is.
+            Python::attach(|py| {
+                let message = if closed > 0 {
+                    format!(
+                        "BatchEventProcessor: {closed} events dropped: stop() closed the batcher before they were converted (counted in stats()[\"dropped_at_stop\"])"
+                    )
+                } else {
+                    format!(
+                        "BatchEventProcessor: {stuck} events dropped: the batcher took none for {FEED_TIMEOUT:?} (counted in stats()[\"dropped_queue_full\"])"
+                    )
+                };
+                let _ = logger.bind(py).call_method1("error", (message,));
+            });
+        }
+        if stop {
+            return;
         }
     }
 }

@@ -174,7 +174,11 @@ def test_process_refuses_other_objects_with_a_type_error_and_keeps_running(confi
         ({"batch_size": "10"}, r"batch_size must be an integer"),
         ({"batch_size": True}, r"batch_size must be an integer"),
         ({"flush_interval": 0}, r"flush_interval must be a number of seconds more than 0"),
-        ({"timeout_interval": -1}, r"timeout_interval must be a number of seconds from 0"),
+        ({"timeout_interval": -1}, r"timeout_interval must be a number of seconds more than 0"),
+        # The SDK takes <= 0 as invalid too; 0 would give stop() no time to deliver anything.
+        ({"timeout_interval": 0}, r"timeout_interval must be a number of seconds more than 0"),
+        ({"spool": "/tmp/x", "auth_token": "t"}, r"auth_token and gzip apply to the HTTP mode only"),
+        ({"spool": "sqs://q", "gzip": True}, r"auth_token and gzip apply to the HTTP mode only"),
         ({"queue_capacity": 0}, r"queue_capacity must be an integer from 1 to 10000000"),
         ({"retry_attempts": 0}, r"retry_attempts must be an integer from 1 to 100"),
         ({"endpoint": "ftp://x"}, r"endpoint"),
