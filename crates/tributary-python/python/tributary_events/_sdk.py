@@ -74,3 +74,11 @@ def register_lifecycle(processor):
 
     atexit.register(at_exit)
     os.register_at_fork(after_in_child=after_in_child)
+
+
+def adapt_logger(logger):
+    """The SDK's own adaptation: its SimpleLogger/NoOpLogger become the `logging.Logger` they wrap.
+
+    Their `.warning()`/`.error()` are no-ops inherited from `BaseLogger`; the SDK never calls them.
+    """
+    return sdk_logger.adapt_logger(logger)
