@@ -5,6 +5,7 @@ import logging
 import os
 import queue
 import threading
+import time
 
 import pytest
 from optimizely import optimizely as optimizely_client
@@ -355,3 +356,63 @@ def test_stop_before_start_says_what_it_did_not_send(configs, fixture_calls, rec
         p.stop()
     assert any("3 queued events not sent" in r.getMessage() for r in caplog.records)
     assert not p.is_running and recorder.log_events == []
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_an_sdk_simple_logger_gets_the_warnings(recorder):
+    from optimizely.logger import SimpleLogger, adapt_logger
+
+    sdk_logger = SimpleLogger(min_level=logging.DEBUG)
+    handler = ListHandler()
+    adapt_logger(sdk_logger).addHandler(handler)
+    p = BatchEventProcessor(recorder, logger=sdk_logger, start_on_init=True)
+    try:
+        p.start()
+    finally:
+        p.stop()
+    assert "BatchEventProcessor already started." in handler.messages, handler.messages
+
+
+def test_events_still_unconverted_when_stop_times_out_are_counted_dropped_at_stop(configs, fixture_calls, recorder, caplog):
+    from optimizely.event.user_event import ConversionEvent
+
+    gate = threading.Event()
+
+    class Slow(ConversionEvent):
+        # The converter reads uuid: it waits here until the test lets it go.
+        @property
+        def uuid(self):
+            gate.wait(30)
+            return self.__dict__["uuid"]
+
+    events = []
+    for e in conversions(configs["main"], "slow", random.Random(8), 5, fixture_calls):
+        s = Slow.__new__(Slow)
+        s.__dict__.update(e.__dict__)
+        events.append(s)
+    p = BatchEventProcessor(recorder, start_on_init=True, timeout_interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="tributary_events"):
+        try:
+            for e in events:
+                p.process(e)
+            p.stop()
+            assert any("dropped_at_stop" in r.getMessage() for r in caplog.records), caplog.text
+        finally:
+            gate.set()
+        deadline = time.monotonic() + 30
+        while p.stats()["dropped_at_stop"] < 5:
+            assert time.monotonic() < deadline, f"not all counted: {p.stats()}"
+            time.sleep(0.02)
+    s = p.stats()
+    assert s["accepted"] == 5 and s["dropped_at_stop"] == 5 and s["dispatched"] == 0, s
+    assert recorder.log_events == []
+    # One message per converter run (the five may be split over runs).
+    assert any("events dropped: stop() closed the batcher" in r.getMessage() for r in caplog.records), caplog.text
