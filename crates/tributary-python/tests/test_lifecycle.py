@@ -54,3 +54,21 @@ def test_atexit_stops_the_processor_and_delivers_what_was_queued(server):
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert len(server.visitors()) == 50
+
+
+def test_processors_register_no_per_instance_hooks_and_are_freed(recorder):
+    import gc
+    import weakref
+
+
+    import atexit
+
+    hooks = atexit._ncallbacks()
+    refs = []
+    for _ in range(50):
+        p = BatchEventProcessor(recorder)
+        refs.append(weakref.ref(p))
+        del p
+    gc.collect()
+    assert all(r() is None for r in refs), "a processor was kept alive by its lifecycle hooks"
+    assert atexit._ncallbacks() == hooks, "each processor added an atexit entry"
