@@ -57,11 +57,9 @@ def test_atexit_stops_the_processor_and_delivers_what_was_queued(server):
 
 
 def test_processors_register_no_per_instance_hooks_and_are_freed(recorder):
+    import atexit
     import gc
     import weakref
-
-
-    import atexit
 
     hooks = atexit._ncallbacks()
     refs = []
