@@ -47,7 +47,10 @@ struct Counters {
     /// converter was still behind at the `timeout_interval` deadline).
     dropped_at_stop: AtomicU64,
     invalid: AtomicU64,
+    /// Refused because the converter thread failed (a panic: a bug, reported in the log).
+    dropped_converter_failed: AtomicU64,
     full_logged: AtomicBool,
+    failed_logged: AtomicBool,
     stopped_logged: AtomicBool,
 }
 
@@ -322,7 +325,18 @@ impl BatchEventProcessor {
             Ok(()) => {
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Disconnected(_)) => {
+                // Only when the converter thread is gone: it failed (logged when it did).
+                counters
+                    .dropped_converter_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                let first = !counters.failed_logged.swap(true, Ordering::Relaxed);
+                drop(epoch);
+                if first {
+                    self.log(py, "error", "BatchEventProcessor converter thread has failed: events passed to process() are dropped (counted in stats()[\"dropped_converter_failed\"]); stop() and start() it again");
+                }
+            }
+            Err(TrySendError::Full(_)) => {
                 counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                 let first = !counters.full_logged.swap(true, Ordering::Relaxed);
                 drop(epoch);
@@ -470,6 +484,10 @@ impl BatchEventProcessor {
                 ("dropped_stopped", c.dropped_stopped.load(Ordering::Relaxed)),
                 ("dropped_at_stop", c.dropped_at_stop.load(Ordering::Relaxed)),
                 ("invalid", c.invalid.load(Ordering::Relaxed)),
+                (
+                    "dropped_converter_failed",
+                    c.dropped_converter_failed.load(Ordering::Relaxed),
+                ),
                 ("queued", epoch.tx.len() as u64),
                 ("dispatched", rust.events_dispatched),
                 ("failed", rust.events_failed),
@@ -625,7 +643,25 @@ impl BatchEventProcessor {
         let thread = std::thread::Builder::new()
             .name("tributary-py-convert".into())
             .spawn(move || {
-                convert_loop(&rx, &mut converter, &feed, &counters, &logger);
+                // No panic across threads: a bug in conversion ends this thread with a log
+                // line, and process() then says so instead of "queue is full".
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    convert_loop(&rx, &mut converter, &feed, &counters, &logger)
+                }));
+                drop(rx);
+                if let Err(panic) = ran {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Python::attach(|py| {
+                        let _ = logger.bind(py).call_method1(
+                            "error",
+                            (format!("BatchEventProcessor converter thread failed (a bug in tributary-events, please report it): {why}"),),
+                        );
+                    });
+                }
                 let _ = done_tx.send(());
             })
             .map_err(|e| {
