@@ -30,6 +30,42 @@ pub(crate) enum Target {
     Rust(Box<dyn EventDispatcher>),
 }
 
+/// Sends each request to a relay's route for its region, as the Event API URL the SDK
+/// would use says (`/v1/events`, or `/eu/v1/events` for `https://eu.logx...`).
+pub(crate) struct RelayRoutes {
+    pub(crate) us: Box<dyn EventDispatcher>,
+    pub(crate) eu: Box<dyn EventDispatcher>,
+}
+
+impl RelayRoutes {
+    pub(crate) fn is_eu(event_url: &str) -> bool {
+        event_url.contains("://eu.")
+    }
+
+    fn route(&self, log_event: &LogEvent) -> &dyn EventDispatcher {
+        if Self::is_eu(&log_event.url) {
+            &*self.eu
+        } else {
+            &*self.us
+        }
+    }
+}
+
+impl EventDispatcher for RelayRoutes {
+    fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
+        self.route(log_event).dispatch(log_event)
+    }
+
+    fn dispatch_with_deadline(
+        &self,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
+        self.route(log_event)
+            .dispatch_with_deadline(log_event, deadline)
+    }
+}
+
 pub(crate) struct SdkDispatcher {
     pub(crate) target: Target,
     pub(crate) notification_center: Option<Py<PyAny>>,

@@ -191,7 +191,7 @@ impl RelayEventDispatcher {
             // A forked child: clients of its own.
             None => self.current.install(self.config.build()?),
         };
-        let d = if event.url.contains("://eu.") {
+        let d = if crate::dispatch::RelayRoutes::is_eu(&event.url) {
             &targets.eu
         } else {
             &targets.us
@@ -213,7 +213,7 @@ impl SpoolTarget {
         attempts: u32,
     ) -> Result<Self, spool::SpoolSetupError> {
         let (dispatcher, forwarder) =
-            spool::open(setting, endpoint, Duration::from_secs(10), attempts)?;
+            spool::open(setting, endpoint, None, Duration::from_secs(10), attempts)?;
         Ok(SpoolTarget {
             dispatcher,
             forwarder: Mutex::new(forwarder),

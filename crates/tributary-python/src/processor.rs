@@ -18,7 +18,7 @@ use pyo3::types::PyDict;
 use tributary::{HttpDispatcher, ProcessError, RetryPolicy, UserEvent};
 
 use crate::convert::{Converter, Sdk, type_name};
-use crate::dispatch::{DispatchCounters, SdkDispatcher, Target};
+use crate::dispatch::{DispatchCounters, RelayRoutes, SdkDispatcher, Target};
 use crate::options::{self, int_option, seconds_option, str_option};
 use crate::spool::{self, InProcessForwarder, SpoolSetting};
 
@@ -104,11 +104,46 @@ struct Settings {
     timeout_interval: Duration,
     queue_capacity: usize,
     endpoint: Option<String>,
+    /// A relay's base URL: US requests to `/v1/events`, EU ones to `/eu/v1/events`.
+    relay_url: Option<String>,
     gzip: bool,
     auth_token: Option<String>,
     retry_attempts: u32,
     request_timeout: Duration,
     spool: Option<SpoolSetting>,
+}
+
+impl Settings {
+    /// Where US and EU requests go, when not to each event's own Event API URL.
+    fn upstreams(&self) -> (Option<String>, Option<String>) {
+        match (&self.relay_url, &self.endpoint) {
+            (Some(base), _) => (
+                Some(format!("{base}/v1/events")),
+                Some(format!("{base}/eu/v1/events")),
+            ),
+            (None, Some(url)) => (Some(url.clone()), None),
+            (None, None) => (None, None),
+        }
+    }
+
+    /// Tributary's HTTP dispatcher, to `endpoint` or each event's URL.
+    fn http(&self, endpoint: Option<String>) -> PyResult<HttpDispatcher> {
+        let mut b = HttpDispatcher::builder()
+            .gzip(self.gzip)
+            .request_timeout(self.request_timeout)
+            .retry(RetryPolicy {
+                max_attempts: self.retry_attempts,
+                ..RetryPolicy::default()
+            });
+        if let Some(url) = endpoint {
+            b = b.endpoint(url);
+        }
+        if let Some(token) = &self.auth_token {
+            b = b.header("Authorization", format!("Bearer {token}"));
+        }
+        b.build()
+            .map_err(|e| PyValueError::new_err(format!("HTTP dispatcher: {e}")))
+    }
 }
 
 /// A drop-in for `optimizely.event.event_processor.BatchEventProcessor`, backed by
@@ -148,7 +183,7 @@ impl BatchEventProcessor {
     #[pyo3(signature = (
         event_dispatcher=None, logger=None, start_on_init=false, event_queue=None,
         batch_size=None, flush_interval=None, timeout_interval=None, notification_center=None,
-        *, queue_capacity=None, endpoint=None, gzip=false, auth_token=None,
+        *, queue_capacity=None, endpoint=None, relay_url=None, gzip=false, auth_token=None,
         retry_attempts=None, request_timeout=None, spool=None,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -164,6 +199,7 @@ impl BatchEventProcessor {
         notification_center: Option<Bound<'_, PyAny>>,
         queue_capacity: Option<Bound<'_, PyAny>>,
         endpoint: Option<Bound<'_, PyAny>>,
+        relay_url: Option<Bound<'_, PyAny>>,
         gzip: bool,
         auth_token: Option<Bound<'_, PyAny>>,
         retry_attempts: Option<Bound<'_, PyAny>>,
@@ -189,6 +225,18 @@ impl BatchEventProcessor {
         if let Some(url) = &endpoint {
             tributary::dispatcher::transport::check_endpoint(url)
                 .map_err(|e| PyValueError::new_err(format!("endpoint: {e}")))?;
+        }
+        let relay_url = str_option("relay_url", relay_url.as_ref())?
+            .map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(base) = &relay_url {
+            if endpoint.is_some() {
+                return Err(PyValueError::new_err(
+                    "endpoint and relay_url exclude each other: endpoint takes every request, \
+                     relay_url sends EU requests to its /eu/v1/events route",
+                ));
+            }
+            tributary::dispatcher::transport::check_endpoint(&format!("{base}/v1/events"))
+                .map_err(|e| PyValueError::new_err(format!("relay_url: {e}")))?;
         }
         let spool = match str_option("spool", spool.as_ref())? {
             None => None,
@@ -239,6 +287,7 @@ impl BatchEventProcessor {
                 options::MAX_QUEUE_CAPACITY,
             )?,
             endpoint,
+            relay_url,
             gzip,
             auth_token: str_option("auth_token", auth_token.as_ref())?,
             retry_attempts: int_option(
@@ -582,9 +631,11 @@ impl BatchEventProcessor {
             (None, Some(setting)) => {
                 // With the GIL held: the epoch lock is held here, and a thread waiting for
                 // it with the GIL would deadlock a release.
+                let (us, eu) = s.upstreams();
                 let (d, f) = spool::open(
                     setting,
-                    s.endpoint.as_deref(),
+                    us.as_deref(),
+                    eu.as_deref(),
                     s.request_timeout,
                     s.retry_attempts,
                 )
@@ -593,23 +644,14 @@ impl BatchEventProcessor {
                 Target::Rust(d)
             }
             (None, None) => {
-                let mut b = HttpDispatcher::builder()
-                    .gzip(s.gzip)
-                    .request_timeout(s.request_timeout)
-                    .retry(RetryPolicy {
-                        max_attempts: s.retry_attempts,
-                        ..RetryPolicy::default()
-                    });
-                if let Some(url) = &s.endpoint {
-                    b = b.endpoint(url.clone());
+                let (us, eu) = s.upstreams();
+                match (us, eu) {
+                    (Some(us), Some(eu)) => Target::Rust(Box::new(RelayRoutes {
+                        us: Box::new(s.http(Some(us))?),
+                        eu: Box::new(s.http(Some(eu))?),
+                    })),
+                    (us, _) => Target::Rust(Box::new(s.http(us)?)),
                 }
-                if let Some(token) = &s.auth_token {
-                    b = b.header("Authorization", format!("Bearer {token}"));
-                }
-                let http = b
-                    .build()
-                    .map_err(|e| PyValueError::new_err(format!("HTTP dispatcher: {e}")))?;
-                Target::Rust(Box::new(http))
             }
         };
         // The SDK calls a Python dispatcher from one thread; so does this.

@@ -83,6 +83,7 @@ impl Drop for InProcessForwarder {
 pub(crate) fn open(
     setting: &SpoolSetting,
     endpoint: Option<&str>,
+    eu_endpoint: Option<&str>,
     request_timeout: Duration,
     attempts: u32,
 ) -> Result<(Box<dyn EventDispatcher>, Option<InProcessForwarder>), SpoolSetupError> {
@@ -109,7 +110,7 @@ pub(crate) fn open(
             };
             if let Some(url) = endpoint {
                 upstream.us = url.to_owned();
-                upstream.eu = url.to_owned();
+                upstream.eu = eu_endpoint.unwrap_or(url).to_owned();
             }
             let upstreams = Arc::new(Upstreams::new(&upstream).map_err(|e| err(e.to_string()))?);
             let forwarder = Forwarder::new(

@@ -89,6 +89,7 @@ class RecordingServer:
         self.on_request = on_request
         self.bodies = []
         self.headers = []
+        self.paths = []
         self.status = status
         cond = self._cond = threading.Condition()
         outer = self
@@ -104,6 +105,7 @@ class RecordingServer:
                     raw = gzip.decompress(raw)
                 with cond:
                     outer.bodies.append(json.loads(raw))
+                    outer.paths.append(self.path)
                     outer.headers.append({k.lower(): v for k, v in self.headers.items()})
                     cond.notify_all()
                 self.send_response(outer.status)

@@ -353,3 +353,31 @@ def test_spool_dispatcher_close_checks_its_timeout(tmp_path):
         with pytest.raises(ValueError, match=r"timeout must be a number of seconds from 0 to 86400"):
             d.close(bad)
     d.close(0.5)
+
+
+@pytest.mark.parametrize("mode", ["http", "spool"])
+def test_relay_url_sends_eu_events_to_the_relays_eu_route(configs, fixture_calls, server, tmp_path, mode):
+    base = server.url[: -len("/v1/events")]
+    extra = {"spool": str(tmp_path / "eu")} if mode == "spool" else {}
+    p = BatchEventProcessor(relay_url=base, start_on_init=True, batch_size=5, **extra)
+    us = conversions(configs["main"], "us", random.Random(9), 7, fixture_calls)
+    eu = conversions(configs["eu"], "eu", random.Random(10), 6, fixture_calls)
+    try:
+        for e in us + eu:
+            p.process(e)
+    finally:
+        p.stop()
+    server.wait_visitors(13)
+    by_path = {}
+    for path, body in zip(server.paths, server.bodies):
+        by_path.setdefault(path, []).extend(uuids(body["visitors"]))
+    assert sorted(by_path) == ["/eu/v1/events", "/v1/events"], by_path
+    assert sorted(by_path["/v1/events"]) == sorted(e.uuid for e in us)
+    assert sorted(by_path["/eu/v1/events"]) == sorted(e.uuid for e in eu)
+
+
+def test_relay_url_and_endpoint_exclude_each_other(server):
+    with pytest.raises(ValueError, match=r"endpoint and relay_url exclude each other"):
+        BatchEventProcessor(relay_url="http://127.0.0.1:1", endpoint=server.url)
+    with pytest.raises(ValueError, match=r"relay_url"):
+        BatchEventProcessor(relay_url="ftp://x")
