@@ -149,6 +149,11 @@ impl EventDispatcher for SdkDispatcher {
     ) -> Result<(), DispatchError> {
         let python_needed =
             self.notification_center.is_some() || matches!(self.target, Target::Python(_));
+        if python_needed && crate::pylog::interpreter_exiting() {
+            return Err(DispatchError::Unavailable(
+                "the Python interpreter is exiting".into(),
+            ));
+        }
         if python_needed && Python::attach(|py| self.python_side(py, log_event))? {
             return Ok(());
         }
@@ -159,13 +164,11 @@ impl EventDispatcher for SdkDispatcher {
                 if let Err(e) = &sent {
                     // After the dispatcher's own retries: final. tracing has no subscriber
                     // in a Python process, so the user's logger says it.
-                    Python::attach(|py| {
-                        self.log(
-                            py,
-                            "error",
-                            &format!("Error dispatching event: {} {e}", log_event.url),
-                        )
-                    });
+                    crate::pylog::log(
+                        &self.logger,
+                        "error",
+                        &format!("Error dispatching event: {} {e}", log_event.url),
+                    );
                 }
                 sent
             }

@@ -210,10 +210,17 @@ impl SpoolTarget {
     fn open(
         setting: &SpoolSetting,
         endpoint: Option<&str>,
+        logger: Option<Py<PyAny>>,
         attempts: u32,
     ) -> Result<Self, spool::SpoolSetupError> {
-        let (dispatcher, forwarder) =
-            spool::open(setting, endpoint, None, Duration::from_secs(10), attempts)?;
+        let (dispatcher, forwarder) = spool::open(
+            setting,
+            endpoint,
+            None,
+            logger,
+            Duration::from_secs(10),
+            attempts,
+        )?;
         Ok(SpoolTarget {
             dispatcher,
             forwarder: Mutex::new(forwarder),
@@ -247,6 +254,7 @@ impl SpoolEventDispatcher {
     #[new]
     #[pyo3(signature = (path, *, endpoint=None, retry_attempts=None))]
     fn new(
+        py: Python<'_>,
         path: &str,
         endpoint: Option<Bound<'_, PyAny>>,
         retry_attempts: Option<Bound<'_, PyAny>>,
@@ -269,8 +277,18 @@ impl SpoolEventDispatcher {
         };
         Ok(SpoolEventDispatcher {
             target: PerProcess::new(
-                SpoolTarget::open(&setting, endpoint.as_deref(), attempts)
-                    .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                SpoolTarget::open(
+                    &setting,
+                    endpoint.as_deref(),
+                    // The forwarder's warnings: to `tributary_events`, as the processor's.
+                    Some(
+                        py.import("tributary_events._sdk")?
+                            .call_method0("default_logger")?
+                            .unbind(),
+                    ),
+                    attempts,
+                )
+                .map_err(|e| PyValueError::new_err(e.to_string()))?,
             ),
             created_pid: std::process::id(),
         })
@@ -324,7 +342,7 @@ impl SqsEventDispatcher {
     fn open(py: Python<'_>, queue: &str, attempts: u32) -> PyResult<SpoolTarget> {
         let setting = SpoolSetting::Sqs(queue.to_owned());
         // Opening the client may call AWS: without the GIL.
-        py.detach(|| SpoolTarget::open(&setting, None, attempts).map_err(|e| e.to_string()))
+        py.detach(|| SpoolTarget::open(&setting, None, None, attempts).map_err(|e| e.to_string()))
             .map_err(PyValueError::new_err)
     }
 }

@@ -20,6 +20,7 @@ use tributary::{HttpDispatcher, ProcessError, RetryPolicy, UserEvent};
 use crate::convert::{Converter, Sdk, type_name};
 use crate::dispatch::{DispatchCounters, RelayRoutes, SdkDispatcher, Target};
 use crate::options::{self, int_option, seconds_option, str_option};
+use crate::pylog;
 use crate::spool::{self, InProcessForwarder, SpoolSetting};
 
 /// Most events converted under one hold of the GIL.
@@ -636,6 +637,7 @@ impl BatchEventProcessor {
                     setting,
                     us.as_deref(),
                     eu.as_deref(),
+                    Some(self.logger.clone_ref(py)),
                     s.request_timeout,
                     s.retry_attempts,
                 )
@@ -697,12 +699,7 @@ impl BatchEventProcessor {
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_default();
-                    Python::attach(|py| {
-                        let _ = logger.bind(py).call_method1(
-                            "error",
-                            (format!("BatchEventProcessor converter thread failed (a bug in tributary-events, please report it): {why}"),),
-                        );
-                    });
+                    pylog::log(&logger, "error", &format!("BatchEventProcessor converter thread failed (a bug in tributary-events, please report it): {why}"));
                 }
                 let _ = done_tx.send(());
             })
@@ -738,6 +735,12 @@ fn convert_loop(
     let mut run: Vec<Msg> = Vec::with_capacity(CONVERT_RUN);
     let mut items: Vec<Item> = Vec::with_capacity(CONVERT_RUN);
     while let Ok(first) = rx.recv() {
+        if pylog::interpreter_exiting() {
+            // What is left would need the GIL to convert; the interpreter is going.
+            let left = 1 + rx.try_iter().count() as u64;
+            counters.dropped_at_stop.fetch_add(left, Ordering::Relaxed);
+            return;
+        }
         run.push(first);
         while run.len() < CONVERT_RUN {
             match rx.try_recv() {
@@ -788,18 +791,16 @@ fn convert_loop(
                 .dropped_at_stop
                 .fetch_add(closed, Ordering::Relaxed);
             // tracing has no subscriber in a Python process: the user's logger it is.
-            Python::attach(|py| {
-                let message = if closed > 0 {
-                    format!(
-                        "BatchEventProcessor: {closed} events dropped: stop() closed the batcher before they were converted (counted in stats()[\"dropped_at_stop\"])"
-                    )
-                } else {
-                    format!(
-                        "BatchEventProcessor: {stuck} events dropped: the batcher took none for {FEED_TIMEOUT:?} (counted in stats()[\"dropped_queue_full\"])"
-                    )
-                };
-                let _ = logger.bind(py).call_method1("error", (message,));
-            });
+            let message = if closed > 0 {
+                format!(
+                    "BatchEventProcessor: {closed} events dropped: stop() closed the batcher before they were converted (counted in stats()[\"dropped_at_stop\"])"
+                )
+            } else {
+                format!(
+                    "BatchEventProcessor: {stuck} events dropped: the batcher took none for {FEED_TIMEOUT:?} (counted in stats()[\"dropped_queue_full\"])"
+                )
+            };
+            pylog::log(logger, "error", &message);
         }
         if stop {
             return;

@@ -63,6 +63,10 @@ _PROCESSORS = weakref.WeakSet()
 def _stop_all_at_exit():
     for p in list(_PROCESSORS):
         p._at_exit()
+    # Threads still working (a stop() that timed out) must not take the GIL from here on.
+    from . import _native
+
+    _native._interpreter_exiting()
 
 
 def _renew_all_in_child():
