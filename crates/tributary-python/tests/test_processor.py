@@ -210,16 +210,18 @@ def test_a_full_queue_is_counted_and_logged_once(configs, fixture_calls, caplog)
 
     p = BatchEventProcessor(Blocked(), start_on_init=True, queue_capacity=5, batch_size=1, timeout_interval=30)
     events = conversions(configs["main"], "u", random.Random(1), 3000, fixture_calls)
-    with caplog.at_level(logging.WARNING, logger="tributary_events"):
-        for e in events:
-            p.process(e)
-    s = p.stats()
-    assert s["dropped_queue_full"] > 0
-    assert s["accepted"] + s["dropped_queue_full"] == len(events)
-    full = [r for r in caplog.records if "queue is full" in r.getMessage()]
-    assert len(full) == 1, [r.getMessage() for r in caplog.records]
-    release.set()
-    p.stop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tributary_events"):
+            for e in events:
+                p.process(e)
+        s = p.stats()
+        assert s["dropped_queue_full"] > 0
+        assert s["accepted"] + s["dropped_queue_full"] == len(events)
+        full = [r for r in caplog.records if "queue is full" in r.getMessage()]
+        assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    finally:
+        release.set()
+        p.stop()
     after = p.stats()
     assert after["accepted"] == s["accepted"]
     assert after["dispatched"] == after["accepted"], "every accepted event delivered once the dispatcher moved"
@@ -416,3 +418,21 @@ def test_events_still_unconverted_when_stop_times_out_are_counted_dropped_at_sto
     assert recorder.log_events == []
     # One message per converter run (the five may be split over runs).
     assert any("events dropped: stop() closed the batcher" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_rollout_impressions_without_experiment_or_variation_match_the_sdk(configs):
+    from optimizely.event.user_event_factory import UserEventFactory
+    from optimizely.helpers.enums import DecisionSources
+
+    config = configs["main"]
+    flag = next(iter(config.feature_key_map))
+    # What the SDK sends for a flag with no rollout rule matched (send_flag_decisions).
+    events = [
+        UserEventFactory.create_impression_event(
+            config, None, None, flag, "", DecisionSources.ROLLOUT, False, f"none-{i}", {"country": "DE"}, None
+        )
+        for i in range(5)
+    ]
+    assert all(e is not None and e.experiment is None and e.variation is None for e in events)
+    sdk, ours = run_sdk(events, 10), run_tributary(events, 10)
+    assert ours.log_events == sdk.log_events
