@@ -114,7 +114,32 @@ struct Settings {
     spool: Option<SpoolSetting>,
 }
 
+/// A spool's dispatcher and, for SQLite, its forwarder.
+type OpenedSpool = (
+    Box<dyn tributary::EventDispatcher>,
+    Option<InProcessForwarder>,
+);
+
 impl Settings {
+    /// Opens the `spool=` spool (the caller checked there is one).
+    fn open_spool(&self, logger: Py<PyAny>) -> Result<OpenedSpool, spool::SpoolSetupError> {
+        let Some(setting) = &self.spool else {
+            return Err(spool::SpoolSetupError::Open(
+                String::new(),
+                "no spool= given".into(),
+            ));
+        };
+        let (us, eu) = self.upstreams();
+        spool::open(
+            setting,
+            us.as_deref(),
+            eu.as_deref(),
+            Some(logger),
+            self.request_timeout,
+            self.retry_attempts,
+        )
+    }
+
     /// Where US and EU requests go, when not to each event's own Event API URL.
     fn upstreams(&self) -> (Option<String>, Option<String>) {
         match (&self.relay_url, &self.endpoint) {
@@ -338,7 +363,7 @@ impl BatchEventProcessor {
             created_pid: std::process::id(),
         };
         if start_on_init {
-            processor.start_locked(py, &mut lock(&processor.epoch))?;
+            processor.start_locked(py, &mut lock(&processor.epoch), None)?;
         }
         Ok(processor)
     }
@@ -405,7 +430,19 @@ impl BatchEventProcessor {
     /// Starts the threads (a no-op with a warning when already running).
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.check_process()?;
-        let started = self.start_locked(py, &mut lock(&self.epoch))?;
+        // Opening an SQS spool calls AWS: done before the lock, with the GIL released (a
+        // processor already running drops it unused).
+        let prepared = match &self.settings.spool {
+            Some(SpoolSetting::Sqs(_)) if lock(&self.epoch).phase != Phase::Running => {
+                let (s, logger) = (&self.settings, self.logger.clone_ref(py));
+                Some(
+                    py.detach(|| s.open_spool(logger))
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
+        let started = self.start_locked(py, &mut lock(&self.epoch), prepared)?;
         // Logged without the lock: Python code may switch threads, and one waiting for
         // the lock holds the GIL.
         if !started {
@@ -573,7 +610,8 @@ impl BatchEventProcessor {
         // Its threads are the parent's; touching its channel or joining them could hang.
         std::mem::forget(old);
         if was_running && !self.sqlite_spool() {
-            self.start_locked(py, &mut epoch)?;
+            // The child's only thread: nothing waits for the GIL or the lock here.
+            self.start_locked(py, &mut epoch, None)?;
         }
         Ok(())
     }
@@ -614,7 +652,12 @@ impl BatchEventProcessor {
     }
 
     /// Starts the threads; `Ok(false)` when already running (nothing done).
-    fn start_locked(&self, py: Python<'_>, epoch: &mut Epoch) -> PyResult<bool> {
+    fn start_locked(
+        &self,
+        py: Python<'_>,
+        epoch: &mut Epoch,
+        prepared: Option<OpenedSpool>,
+    ) -> PyResult<bool> {
         match epoch.phase {
             Phase::Running => return Ok(false),
             Phase::Stopped => *epoch = Epoch::new(self.settings.queue_capacity),
@@ -629,19 +672,15 @@ impl BatchEventProcessor {
         let mut forwarder = None;
         let target = match (&self.event_dispatcher, &s.spool) {
             (Some(d), _) => Target::Python(d.clone_ref(py)),
-            (None, Some(setting)) => {
-                // With the GIL held: the epoch lock is held here, and a thread waiting for
-                // it with the GIL would deadlock a release.
-                let (us, eu) = s.upstreams();
-                let (d, f) = spool::open(
-                    setting,
-                    us.as_deref(),
-                    eu.as_deref(),
-                    Some(self.logger.clone_ref(py)),
-                    s.request_timeout,
-                    s.retry_attempts,
-                )
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            (None, Some(_)) => {
+                // Else with the GIL held: the epoch lock is held here, and a thread waiting
+                // for it with the GIL would deadlock a release. (SQLite: a local open.)
+                let (d, f) = match prepared {
+                    Some(opened) => opened,
+                    None => s
+                        .open_spool(self.logger.clone_ref(py))
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                };
                 forwarder = f;
                 Target::Rust(d)
             }
