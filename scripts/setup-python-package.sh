@@ -21,7 +21,10 @@ want="$(
   { echo "profile=$profile"; git ls-files -s -- crates/tributary-python crates/tributary/src crates/tributary-spool/src \
       crates/tributary/Cargo.toml crates/tributary-spool/Cargo.toml Cargo.toml Cargo.lock;
     # Uncommitted edits count too.
-    git diff -- crates/tributary-python crates/tributary crates/tributary-spool Cargo.toml Cargo.lock; } | sha256sum | cut -d' ' -f1
+    git diff -- crates/tributary-python crates/tributary crates/tributary-spool Cargo.toml Cargo.lock;
+    # New files not yet added count too (their names and contents).
+    git ls-files -o --exclude-standard -z -- crates/tributary-python crates/tributary crates/tributary-spool \
+      | xargs -0 -r sha256sum; } | sha256sum | cut -d' ' -f1
 )"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$python" -c "import tributary_events" 2>/dev/null; then
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"

@@ -30,6 +30,42 @@ pub(crate) enum Target {
     Rust(Box<dyn EventDispatcher>),
 }
 
+/// Sends each request to a relay's route for its region, as the Event API URL the SDK
+/// would use says (`/v1/events`, or `/eu/v1/events` for `https://eu.logx...`).
+pub(crate) struct RelayRoutes {
+    pub(crate) us: Box<dyn EventDispatcher>,
+    pub(crate) eu: Box<dyn EventDispatcher>,
+}
+
+impl RelayRoutes {
+    pub(crate) fn is_eu(event_url: &str) -> bool {
+        event_url.contains("://eu.")
+    }
+
+    fn route(&self, log_event: &LogEvent) -> &dyn EventDispatcher {
+        if Self::is_eu(&log_event.url) {
+            &*self.eu
+        } else {
+            &*self.us
+        }
+    }
+}
+
+impl EventDispatcher for RelayRoutes {
+    fn dispatch(&self, log_event: &LogEvent) -> Result<(), DispatchError> {
+        self.route(log_event).dispatch(log_event)
+    }
+
+    fn dispatch_with_deadline(
+        &self,
+        log_event: &LogEvent,
+        deadline: &DispatchDeadline,
+    ) -> Result<(), DispatchError> {
+        self.route(log_event)
+            .dispatch_with_deadline(log_event, deadline)
+    }
+}
+
 pub(crate) struct SdkDispatcher {
     pub(crate) target: Target,
     pub(crate) notification_center: Option<Py<PyAny>>,
@@ -113,12 +149,29 @@ impl EventDispatcher for SdkDispatcher {
     ) -> Result<(), DispatchError> {
         let python_needed =
             self.notification_center.is_some() || matches!(self.target, Target::Python(_));
+        if python_needed && crate::pylog::interpreter_exiting() {
+            return Err(DispatchError::Unavailable(
+                "the Python interpreter is exiting".into(),
+            ));
+        }
         if python_needed && Python::attach(|py| self.python_side(py, log_event))? {
             return Ok(());
         }
         match &self.target {
             // The GIL is not held here: Rust sends while Python runs.
-            Target::Rust(inner) => inner.dispatch_with_deadline(log_event, deadline),
+            Target::Rust(inner) => {
+                let sent = inner.dispatch_with_deadline(log_event, deadline);
+                if let Err(e) = &sent {
+                    // After the dispatcher's own retries: final. tracing has no subscriber
+                    // in a Python process, so the user's logger says it.
+                    crate::pylog::log(
+                        &self.logger,
+                        "error",
+                        &format!("Error dispatching event: {} {e}", log_event.url),
+                    );
+                }
+                sent
+            }
             Target::Python(_) => Ok(()),
         }
     }

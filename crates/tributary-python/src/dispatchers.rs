@@ -2,7 +2,7 @@
 //! [`RelayEventDispatcher`], [`SpoolEventDispatcher`], [`SqsEventDispatcher`]. Each sends
 //! the SDK's LogEvent through a Rust dispatcher with the GIL released.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,6 +26,54 @@ fn log_event(py: Python<'_>, log_event: &Bound<'_, PyAny>) -> PyResult<LogEvent>
         PyValueError::new_err(format!("log_event.params is not an Event API batch: {e}"))
     })?;
     Ok(LogEvent::new(url, batch))
+}
+
+/// A value made in one process. After `fork()` its threads (a runtime bridge, a SQLite
+/// worker) do not exist in the child, and sending through it would wait for them forever:
+/// the child gets `None` and makes its own, and the parent's is never dropped there
+/// (dropping could join threads that are not there, or close the parent's SQLite state).
+struct PerProcess<T> {
+    // Locked with the GIL held and never across a release of it, so no thread holds it at
+    // a fork.
+    inner: Mutex<(u32, Option<Arc<T>>)>,
+}
+
+impl<T> PerProcess<T> {
+    fn new(value: T) -> Self {
+        PerProcess {
+            inner: Mutex::new((std::process::id(), Some(Arc::new(value)))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (u32, Option<Arc<T>>)> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The value, if it was made in this process.
+    fn get(&self) -> Option<Arc<T>> {
+        let g = self.lock();
+        (g.0 == std::process::id()).then(|| g.1.clone()).flatten()
+    }
+
+    /// This process's value: `fresh` unless another thread installed one first.
+    fn install(&self, fresh: T) -> Arc<T> {
+        let mut g = self.lock();
+        let pid = std::process::id();
+        if g.0 != pid || g.1.is_none() {
+            std::mem::forget(g.1.take());
+            g.0 = pid;
+        }
+        g.1.get_or_insert_with(|| Arc::new(fresh)).clone()
+    }
+}
+
+impl<T> Drop for PerProcess<T> {
+    fn drop(&mut self) {
+        let g = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if g.0 != std::process::id() {
+            std::mem::forget(g.1.take());
+        }
+    }
 }
 
 fn send(py: Python<'_>, d: &dyn EventDispatcher, event: LogEvent) -> PyResult<()> {
@@ -60,8 +108,43 @@ fn http(
 /// relay did not take it (the SDK's processor catches and logs that).
 #[pyclass(module = "tributary_events._native", frozen)]
 pub(crate) struct RelayEventDispatcher {
+    config: RelayConfig,
+    current: PerProcess<RelayTargets>,
+}
+
+struct RelayConfig {
+    base: String,
+    token: Option<String>,
+    gzip: bool,
+    attempts: u32,
+    timeout: Duration,
+}
+
+struct RelayTargets {
     us: HttpDispatcher,
     eu: HttpDispatcher,
+}
+
+impl RelayConfig {
+    fn build(&self) -> PyResult<RelayTargets> {
+        let c = self;
+        Ok(RelayTargets {
+            us: http(
+                &format!("{}/v1/events", c.base),
+                c.token.as_deref(),
+                c.gzip,
+                c.attempts,
+                c.timeout,
+            )?,
+            eu: http(
+                &format!("{}/eu/v1/events", c.base),
+                c.token.as_deref(),
+                c.gzip,
+                c.attempts,
+                c.timeout,
+            )?,
+        })
+    }
 }
 
 #[pymethods]
@@ -89,32 +172,29 @@ impl RelayEventDispatcher {
             Duration::from_secs(5),
             true,
         )?;
-        let base = relay_url.trim_end_matches('/');
-        Ok(RelayEventDispatcher {
-            us: http(
-                &format!("{base}/v1/events"),
-                token.as_deref(),
-                gzip,
-                attempts,
-                timeout,
-            )?,
-            eu: http(
-                &format!("{base}/eu/v1/events"),
-                token.as_deref(),
-                gzip,
-                attempts,
-                timeout,
-            )?,
-        })
+        let config = RelayConfig {
+            base: relay_url.trim_end_matches('/').to_owned(),
+            token,
+            gzip,
+            attempts,
+            timeout,
+        };
+        let current = PerProcess::new(config.build()?);
+        Ok(RelayEventDispatcher { config, current })
     }
 
     /// Sends `log_event` (the SDK's LogEvent); returns once the relay stored it.
     fn dispatch_event(&self, py: Python<'_>, log_event: &Bound<'_, PyAny>) -> PyResult<()> {
         let event = self::log_event(py, log_event)?;
-        let d = if event.url.contains("://eu.") {
-            &self.eu
+        let targets = match self.current.get() {
+            Some(t) => t,
+            // A forked child: clients of its own.
+            None => self.current.install(self.config.build()?),
+        };
+        let d = if crate::dispatch::RelayRoutes::is_eu(&event.url) {
+            &targets.eu
         } else {
-            &self.us
+            &targets.us
         };
         send(py, d, event)
     }
@@ -127,10 +207,20 @@ struct SpoolTarget {
 }
 
 impl SpoolTarget {
-    fn open(setting: &SpoolSetting, endpoint: Option<&str>, attempts: u32) -> PyResult<Self> {
-        let (dispatcher, forwarder) =
-            spool::open(setting, endpoint, Duration::from_secs(10), attempts)
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    fn open(
+        setting: &SpoolSetting,
+        endpoint: Option<&str>,
+        logger: Option<Py<PyAny>>,
+        attempts: u32,
+    ) -> Result<Self, spool::SpoolSetupError> {
+        let (dispatcher, forwarder) = spool::open(
+            setting,
+            endpoint,
+            None,
+            logger,
+            Duration::from_secs(10),
+            attempts,
+        )?;
         Ok(SpoolTarget {
             dispatcher,
             forwarder: Mutex::new(forwarder),
@@ -155,7 +245,8 @@ impl SpoolTarget {
 /// the spool for the next start (or `tributary drain PATH`).
 #[pyclass(module = "tributary_events._native", frozen)]
 pub(crate) struct SpoolEventDispatcher {
-    target: SpoolTarget,
+    target: PerProcess<SpoolTarget>,
+    created_pid: u32,
 }
 
 #[pymethods]
@@ -163,6 +254,7 @@ impl SpoolEventDispatcher {
     #[new]
     #[pyo3(signature = (path, *, endpoint=None, retry_attempts=None))]
     fn new(
+        py: Python<'_>,
         path: &str,
         endpoint: Option<Bound<'_, PyAny>>,
         retry_attempts: Option<Bound<'_, PyAny>>,
@@ -184,21 +276,54 @@ impl SpoolEventDispatcher {
             }
         };
         Ok(SpoolEventDispatcher {
-            target: SpoolTarget::open(&setting, endpoint.as_deref(), attempts)?,
+            target: PerProcess::new(
+                SpoolTarget::open(
+                    &setting,
+                    endpoint.as_deref(),
+                    // The forwarder's warnings: to `tributary_events`, as the processor's.
+                    Some(
+                        py.import("tributary_events._sdk")?
+                            .call_method0("default_logger")?
+                            .unbind(),
+                    ),
+                    attempts,
+                )
+                .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            ),
+            created_pid: std::process::id(),
         })
     }
 
-    /// Appends `log_event` to the spool; returns once it is durable.
+    /// Appends `log_event` to the spool; returns once it is durable. In a process forked
+    /// after the dispatcher was made, raises `RuntimeError` (see docs/python.md).
     fn dispatch_event(&self, py: Python<'_>, log_event: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Some(target) = self.target.get() else {
+            // Reopening the SQLite spool in the child would share the parent's in-process
+            // SQLite state (locks, WAL index): refused.
+            return Err(PyRuntimeError::new_err(format!(
+                "this SpoolEventDispatcher was created in process {} before fork(): a SQLite \
+                 spool cannot be used across fork; create it after the fork (gunicorn post_fork \
+                 or no --preload, uWSGI --lazy-apps or @postfork)",
+                self.created_pid
+            )));
+        };
         let event = self::log_event(py, log_event)?;
-        send(py, &*self.target.dispatcher, event)
+        send(py, &*target.dispatcher, event)
     }
 
-    /// Stops the forwarder after forwarding what it can within `timeout` seconds.
+    /// Stops the forwarder after forwarding what it can within `timeout` seconds (0 to
+    /// 86400). A no-op in a forked child: the forwarder is the parent's.
     #[pyo3(signature = (timeout=5.0))]
-    fn close(&self, py: Python<'_>, timeout: f64) {
-        self.target
-            .close(py, Duration::from_secs_f64(timeout.max(0.0)));
+    fn close(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        if !(0.0..=options::MAX_INTERVAL_S).contains(&timeout) {
+            return Err(PyValueError::new_err(format!(
+                "timeout must be a number of seconds from 0 to 86400, got {timeout}"
+            )));
+        }
+        if let Some(target) = self.target.get() {
+            target.close(py, Duration::from_secs_f64(timeout));
+        }
+        Ok(())
     }
 }
 
@@ -208,14 +333,29 @@ impl SpoolEventDispatcher {
 /// `AWS_ENDPOINT_URL`).
 #[pyclass(module = "tributary_events._native", frozen)]
 pub(crate) struct SqsEventDispatcher {
-    target: SpoolTarget,
+    queue: String,
+    attempts: u32,
+    target: PerProcess<SpoolTarget>,
+}
+
+impl SqsEventDispatcher {
+    fn open(py: Python<'_>, queue: &str, attempts: u32) -> PyResult<SpoolTarget> {
+        let setting = SpoolSetting::Sqs(queue.to_owned());
+        // Opening the client may call AWS: without the GIL.
+        py.detach(|| SpoolTarget::open(&setting, None, None, attempts).map_err(|e| e.to_string()))
+            .map_err(PyValueError::new_err)
+    }
 }
 
 #[pymethods]
 impl SqsEventDispatcher {
     #[new]
     #[pyo3(signature = (queue, *, retry_attempts=None))]
-    fn new(queue: &str, retry_attempts: Option<Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        queue: &str,
+        retry_attempts: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let attempts = int_option(
             "retry_attempts",
             retry_attempts.as_ref(),
@@ -230,13 +370,22 @@ impl SqsEventDispatcher {
             ));
         }
         Ok(SqsEventDispatcher {
-            target: SpoolTarget::open(&SpoolSetting::Sqs(queue.to_owned()), None, attempts)?,
+            queue: queue.to_owned(),
+            attempts,
+            target: PerProcess::new(Self::open(py, queue, attempts)?),
         })
     }
 
     /// Writes `log_event` to the queue; returns once SQS has it.
     fn dispatch_event(&self, py: Python<'_>, log_event: &Bound<'_, PyAny>) -> PyResult<()> {
+        let target = match self.target.get() {
+            Some(t) => t,
+            // A forked child: a client of its own.
+            None => self
+                .target
+                .install(Self::open(py, &self.queue, self.attempts)?),
+        };
         let event = self::log_event(py, log_event)?;
-        send(py, &*self.target.dispatcher, event)
+        send(py, &*target.dispatcher, event)
     }
 }

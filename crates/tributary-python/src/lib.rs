@@ -16,6 +16,7 @@ mod dispatch;
 mod dispatchers;
 mod options;
 mod processor;
+mod pylog;
 mod spool;
 
 use pyo3::prelude::*;
@@ -24,6 +25,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(pylog::_interpreter_exiting, m)?)?;
     m.add_class::<processor::BatchEventProcessor>()?;
     m.add_class::<dispatchers::RelayEventDispatcher>()?;
     m.add_class::<dispatchers::SpoolEventDispatcher>()?;

@@ -18,8 +18,9 @@ use pyo3::types::PyDict;
 use tributary::{HttpDispatcher, ProcessError, RetryPolicy, UserEvent};
 
 use crate::convert::{Converter, Sdk, type_name};
-use crate::dispatch::{DispatchCounters, SdkDispatcher, Target};
+use crate::dispatch::{DispatchCounters, RelayRoutes, SdkDispatcher, Target};
 use crate::options::{self, int_option, seconds_option, str_option};
+use crate::pylog;
 use crate::spool::{self, InProcessForwarder, SpoolSetting};
 
 /// Most events converted under one hold of the GIL.
@@ -43,8 +44,14 @@ struct Counters {
     accepted: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_stopped: AtomicU64,
+    /// Accepted, then not taken by the batcher because `stop()` closed it first (the
+    /// converter was still behind at the `timeout_interval` deadline).
+    dropped_at_stop: AtomicU64,
     invalid: AtomicU64,
+    /// Refused because the converter thread failed (a panic: a bug, reported in the log).
+    dropped_converter_failed: AtomicU64,
     full_logged: AtomicBool,
+    failed_logged: AtomicBool,
     stopped_logged: AtomicBool,
 }
 
@@ -98,11 +105,71 @@ struct Settings {
     timeout_interval: Duration,
     queue_capacity: usize,
     endpoint: Option<String>,
+    /// A relay's base URL: US requests to `/v1/events`, EU ones to `/eu/v1/events`.
+    relay_url: Option<String>,
     gzip: bool,
     auth_token: Option<String>,
     retry_attempts: u32,
     request_timeout: Duration,
     spool: Option<SpoolSetting>,
+}
+
+/// A spool's dispatcher and, for SQLite, its forwarder.
+type OpenedSpool = (
+    Box<dyn tributary::EventDispatcher>,
+    Option<InProcessForwarder>,
+);
+
+impl Settings {
+    /// Opens the `spool=` spool (the caller checked there is one).
+    fn open_spool(&self, logger: Py<PyAny>) -> Result<OpenedSpool, spool::SpoolSetupError> {
+        let Some(setting) = &self.spool else {
+            return Err(spool::SpoolSetupError::Open(
+                String::new(),
+                "no spool= given".into(),
+            ));
+        };
+        let (us, eu) = self.upstreams();
+        spool::open(
+            setting,
+            us.as_deref(),
+            eu.as_deref(),
+            Some(logger),
+            self.request_timeout,
+            self.retry_attempts,
+        )
+    }
+
+    /// Where US and EU requests go, when not to each event's own Event API URL.
+    fn upstreams(&self) -> (Option<String>, Option<String>) {
+        match (&self.relay_url, &self.endpoint) {
+            (Some(base), _) => (
+                Some(format!("{base}/v1/events")),
+                Some(format!("{base}/eu/v1/events")),
+            ),
+            (None, Some(url)) => (Some(url.clone()), None),
+            (None, None) => (None, None),
+        }
+    }
+
+    /// Tributary's HTTP dispatcher, to `endpoint` or each event's URL.
+    fn http(&self, endpoint: Option<String>) -> PyResult<HttpDispatcher> {
+        let mut b = HttpDispatcher::builder()
+            .gzip(self.gzip)
+            .request_timeout(self.request_timeout)
+            .retry(RetryPolicy {
+                max_attempts: self.retry_attempts,
+                ..RetryPolicy::default()
+            });
+        if let Some(url) = endpoint {
+            b = b.endpoint(url);
+        }
+        if let Some(token) = &self.auth_token {
+            b = b.header("Authorization", format!("Bearer {token}"));
+        }
+        b.build()
+            .map_err(|e| PyValueError::new_err(format!("HTTP dispatcher: {e}")))
+    }
 }
 
 /// A drop-in for `optimizely.event.event_processor.BatchEventProcessor`, backed by
@@ -125,6 +192,8 @@ pub(crate) struct BatchEventProcessor {
     sdk_logger: Py<PyAny>,
     event_dispatcher: Option<Py<PyAny>>,
     notification_center: Option<Py<PyAny>>,
+    /// The process that created the processor: a SQLite spool is only usable there.
+    created_pid: u32,
     // Locked only while the GIL is held and never across a release of it, so no other
     // thread holds it when `os.fork()` (which holds the GIL) runs.
     epoch: Mutex<Epoch>,
@@ -140,7 +209,7 @@ impl BatchEventProcessor {
     #[pyo3(signature = (
         event_dispatcher=None, logger=None, start_on_init=false, event_queue=None,
         batch_size=None, flush_interval=None, timeout_interval=None, notification_center=None,
-        *, queue_capacity=None, endpoint=None, gzip=false, auth_token=None,
+        *, queue_capacity=None, endpoint=None, relay_url=None, gzip=false, auth_token=None,
         retry_attempts=None, request_timeout=None, spool=None,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -156,6 +225,7 @@ impl BatchEventProcessor {
         notification_center: Option<Bound<'_, PyAny>>,
         queue_capacity: Option<Bound<'_, PyAny>>,
         endpoint: Option<Bound<'_, PyAny>>,
+        relay_url: Option<Bound<'_, PyAny>>,
         gzip: bool,
         auth_token: Option<Bound<'_, PyAny>>,
         retry_attempts: Option<Bound<'_, PyAny>>,
@@ -182,6 +252,18 @@ impl BatchEventProcessor {
             tributary::dispatcher::transport::check_endpoint(url)
                 .map_err(|e| PyValueError::new_err(format!("endpoint: {e}")))?;
         }
+        let relay_url = str_option("relay_url", relay_url.as_ref())?
+            .map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(base) = &relay_url {
+            if endpoint.is_some() {
+                return Err(PyValueError::new_err(
+                    "endpoint and relay_url exclude each other: endpoint takes every request, \
+                     relay_url sends EU requests to its /eu/v1/events route",
+                ));
+            }
+            tributary::dispatcher::transport::check_endpoint(&format!("{base}/v1/events"))
+                .map_err(|e| PyValueError::new_err(format!("relay_url: {e}")))?;
+        }
         let spool = match str_option("spool", spool.as_ref())? {
             None => None,
             Some(s) => Some(
@@ -189,6 +271,14 @@ impl BatchEventProcessor {
                     .map_err(|e| PyValueError::new_err(format!("spool={s:?}: {e}")))?,
             ),
         };
+        if spool.is_some() && (gzip || auth_token.as_ref().is_some_and(|t| !t.is_none())) {
+            // The in-process forwarder (and `tributary drain` for SQS) sends with its own
+            // settings: an accepted token or gzip flag would be silently ignored.
+            return Err(PyValueError::new_err(
+                "auth_token and gzip apply to the HTTP mode only: with spool=, requests are \
+                 forwarded without them (a relay with --auth-tokens would refuse them)",
+            ));
+        }
         if spool.is_some() && event_dispatcher.is_some() {
             return Err(PyValueError::new_err(
                 "spool and event_dispatcher exclude each other: with a spool, Tributary writes each batch to it",
@@ -212,7 +302,8 @@ impl BatchEventProcessor {
                 "timeout_interval",
                 timeout_interval.as_ref(),
                 options::DEFAULT_TIMEOUT_INTERVAL,
-                false,
+                // 0 would give conversion and delivery no time: everything queued lost.
+                true,
             )?,
             queue_capacity: int_option(
                 "queue_capacity",
@@ -222,6 +313,7 @@ impl BatchEventProcessor {
                 options::MAX_QUEUE_CAPACITY,
             )?,
             endpoint,
+            relay_url,
             gzip,
             auth_token: str_option("auth_token", auth_token.as_ref())?,
             retry_attempts: int_option(
@@ -244,6 +336,12 @@ impl BatchEventProcessor {
         let given = logger.filter(|l| !l.is_none());
         // The SDK's own helpers (tag parsing) log to the user's logger, or nowhere, as in
         // the SDK; this processor's warnings go to `tributary_events` when none is given.
+        // The SDK's SimpleLogger/NoOpLogger have no-op methods of their own: the SDK
+        // adapts them to a `logging.Logger` first, so does this.
+        let given = match given {
+            Some(l) => Some(helpers.call_method1("adapt_logger", (l,))?),
+            None => None,
+        };
         let sdk_logger = match &given {
             Some(l) => l.clone().unbind(),
             None => helpers.call_method0("no_op_logger")?.unbind(),
@@ -262,9 +360,10 @@ impl BatchEventProcessor {
             notification_center: notification_center
                 .filter(|n| !n.is_none())
                 .map(Bound::unbind),
+            created_pid: std::process::id(),
         };
         if start_on_init {
-            processor.start_locked(py, &mut lock(&processor.epoch))?;
+            processor.start_locked(py, &mut lock(&processor.epoch), None)?;
         }
         Ok(processor)
     }
@@ -285,6 +384,7 @@ impl BatchEventProcessor {
                 type_name(user_event)
             )));
         }
+        self.check_process()?;
         let epoch = lock(&self.epoch);
         let counters = &epoch.counters;
         if epoch.phase == Phase::Stopped {
@@ -300,7 +400,18 @@ impl BatchEventProcessor {
             Ok(()) => {
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Disconnected(_)) => {
+                // Only when the converter thread is gone: it failed (logged when it did).
+                counters
+                    .dropped_converter_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                let first = !counters.failed_logged.swap(true, Ordering::Relaxed);
+                drop(epoch);
+                if first {
+                    self.log(py, "error", "BatchEventProcessor converter thread has failed: events passed to process() are dropped (counted in stats()[\"dropped_converter_failed\"]); stop() and start() it again");
+                }
+            }
+            Err(TrySendError::Full(_)) => {
                 counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                 let first = !counters.full_logged.swap(true, Ordering::Relaxed);
                 drop(epoch);
@@ -318,7 +429,26 @@ impl BatchEventProcessor {
 
     /// Starts the threads (a no-op with a warning when already running).
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        self.start_locked(py, &mut lock(&self.epoch))
+        self.check_process()?;
+        // Opening an SQS spool calls AWS: done before the lock, with the GIL released (a
+        // processor already running drops it unused).
+        let prepared = match &self.settings.spool {
+            Some(SpoolSetting::Sqs(_)) if lock(&self.epoch).phase != Phase::Running => {
+                let (s, logger) = (&self.settings, self.logger.clone_ref(py));
+                Some(
+                    py.detach(|| s.open_spool(logger))
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
+        let started = self.start_locked(py, &mut lock(&self.epoch), prepared)?;
+        // Logged without the lock: Python code may switch threads, and one waiting for
+        // the lock holds the GIL.
+        if !started {
+            self.log(py, "warning", "BatchEventProcessor already started.");
+        }
+        Ok(())
     }
 
     /// Sends what is batched so far, without waiting.
@@ -347,7 +477,13 @@ impl BatchEventProcessor {
                 }
                 return;
             }
-            (epoch.tx.clone(), epoch.running.take())
+            // The converter's only sender goes with this call: once `Stop` is taken or the
+            // queue is drained, it ends, even when `Stop` could not be queued in time.
+            let (closed, _) = bounded(0);
+            (
+                std::mem::replace(&mut epoch.tx, closed),
+                epoch.running.take(),
+            )
         };
         let Some(running) = running else { return };
         let timeout = self.settings.timeout_interval;
@@ -356,8 +492,11 @@ impl BatchEventProcessor {
             let deadline = Instant::now() + timeout;
             // Every event queued before this is converted and handed to the batcher first.
             let _ = tx.send_deadline(Msg::Stop, deadline);
+            let behind = tx.len();
+            drop(tx);
             let converted = running.done.recv_deadline(deadline).is_ok();
-            let report = running.rust.close();
+            // Within the caller's `timeout_interval`, not a fresh one after conversion.
+            let report = running.rust.close_within(deadline);
             if converted {
                 let _ = running.converter.join();
             }
@@ -365,9 +504,9 @@ impl BatchEventProcessor {
                 // What is spooled and not forwarded by the deadline stays in the spool.
                 f.stop(deadline);
             }
-            (report, converted)
+            (report, converted, behind)
         });
-        let (report, converted) = report;
+        let (report, converted, behind) = report;
         {
             let mut epoch = lock(&self.epoch);
             if epoch.phase == Phase::Stopped {
@@ -375,7 +514,7 @@ impl BatchEventProcessor {
             }
         }
         if !converted {
-            self.log(py, "warning", &format!("BatchEventProcessor stop(): queued events were still being converted at the {timeout:?} timeout"));
+            self.log(py, "warning", &format!("BatchEventProcessor stop(): events were still being converted at the {timeout:?} timeout ({behind} still queued): those the converter reaches now are dropped, counted in stats()[\"dropped_at_stop\"]"));
         }
         if !report.is_complete() {
             self.log(
@@ -410,37 +549,51 @@ impl BatchEventProcessor {
 
     /// The processor's counters, as a dict of ints (see docs/python.md).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let epoch = lock(&self.epoch);
-        let c = &epoch.counters;
+        // Values copied out under the lock; the dict is built without it (building can run
+        // Python code, which can switch to a thread that waits for the lock with the GIL).
+        let values = {
+            let epoch = lock(&self.epoch);
+            let c = &epoch.counters;
+            let rust = epoch
+                .running
+                .as_ref()
+                .map(|r| &r.rust)
+                .or(epoch.finished.as_ref())
+                .map(|r| r.stats())
+                .unwrap_or_default();
+            let dc = &epoch.dispatch_counters;
+            [
+                ("accepted", c.accepted.load(Ordering::Relaxed)),
+                (
+                    "dropped_queue_full",
+                    c.dropped_queue_full.load(Ordering::Relaxed),
+                ),
+                ("dropped_stopped", c.dropped_stopped.load(Ordering::Relaxed)),
+                ("dropped_at_stop", c.dropped_at_stop.load(Ordering::Relaxed)),
+                ("invalid", c.invalid.load(Ordering::Relaxed)),
+                (
+                    "dropped_converter_failed",
+                    c.dropped_converter_failed.load(Ordering::Relaxed),
+                ),
+                ("queued", epoch.tx.len() as u64),
+                ("dispatched", rust.events_dispatched),
+                ("failed", rust.events_failed),
+                ("requests", rust.requests()),
+                ("pending", rust.pending()),
+                (
+                    "dispatcher_errors",
+                    dc.dispatcher_errors.load(Ordering::Relaxed),
+                ),
+                (
+                    "notification_errors",
+                    dc.notification_errors.load(Ordering::Relaxed),
+                ),
+            ]
+        };
         let d = PyDict::new(py);
-        d.set_item("accepted", c.accepted.load(Ordering::Relaxed))?;
-        d.set_item(
-            "dropped_queue_full",
-            c.dropped_queue_full.load(Ordering::Relaxed),
-        )?;
-        d.set_item("dropped_stopped", c.dropped_stopped.load(Ordering::Relaxed))?;
-        d.set_item("invalid", c.invalid.load(Ordering::Relaxed))?;
-        d.set_item("queued", epoch.tx.len())?;
-        let rust = epoch
-            .running
-            .as_ref()
-            .map(|r| &r.rust)
-            .or(epoch.finished.as_ref())
-            .map(|r| r.stats())
-            .unwrap_or_default();
-        d.set_item("dispatched", rust.events_dispatched)?;
-        d.set_item("failed", rust.events_failed)?;
-        d.set_item("requests", rust.requests())?;
-        d.set_item("pending", rust.pending())?;
-        let dc = &epoch.dispatch_counters;
-        d.set_item(
-            "dispatcher_errors",
-            dc.dispatcher_errors.load(Ordering::Relaxed),
-        )?;
-        d.set_item(
-            "notification_errors",
-            dc.notification_errors.load(Ordering::Relaxed),
-        )?;
+        for (k, v) in values {
+            d.set_item(k, v)?;
+        }
         Ok(d)
     }
 
@@ -456,8 +609,9 @@ impl BatchEventProcessor {
         let was_running = old.phase == Phase::Running;
         // Its threads are the parent's; touching its channel or joining them could hang.
         std::mem::forget(old);
-        if was_running {
-            self.start_locked(py, &mut epoch)?;
+        if was_running && !self.sqlite_spool() {
+            // The child's only thread: nothing waits for the GIL or the lock here.
+            self.start_locked(py, &mut epoch, None)?;
         }
         Ok(())
     }
@@ -479,12 +633,33 @@ impl BatchEventProcessor {
         let _ = self.logger.bind(py).call_method1(level, (message,));
     }
 
-    fn start_locked(&self, py: Python<'_>, epoch: &mut Epoch) -> PyResult<()> {
+    fn sqlite_spool(&self) -> bool {
+        matches!(self.settings.spool, Some(SpoolSetting::Sqlite(_)))
+    }
+
+    /// A SQLite spool opened in a forked child would share the parent's in-process SQLite
+    /// state (locks, WAL index): refused, with what to do instead.
+    fn check_process(&self) -> PyResult<()> {
+        if self.sqlite_spool() && std::process::id() != self.created_pid {
+            return Err(PyRuntimeError::new_err(format!(
+                "this BatchEventProcessor(spool=PATH) was created in process {} before fork(): \
+                 a SQLite spool cannot be used across fork; create the processor after the fork \
+                 (gunicorn post_fork or no --preload, uWSGI --lazy-apps or @postfork)",
+                self.created_pid
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts the threads; `Ok(false)` when already running (nothing done).
+    fn start_locked(
+        &self,
+        py: Python<'_>,
+        epoch: &mut Epoch,
+        prepared: Option<OpenedSpool>,
+    ) -> PyResult<bool> {
         match epoch.phase {
-            Phase::Running => {
-                self.log(py, "warning", "BatchEventProcessor already started.");
-                return Ok(());
-            }
+            Phase::Running => return Ok(false),
             Phase::Stopped => *epoch = Epoch::new(self.settings.queue_capacity),
             Phase::Idle => {}
         }
@@ -497,37 +672,27 @@ impl BatchEventProcessor {
         let mut forwarder = None;
         let target = match (&self.event_dispatcher, &s.spool) {
             (Some(d), _) => Target::Python(d.clone_ref(py)),
-            (None, Some(setting)) => {
-                // With the GIL held: the epoch lock is held here, and a thread waiting for
-                // it with the GIL would deadlock a release.
-                let (d, f) = spool::open(
-                    setting,
-                    s.endpoint.as_deref(),
-                    s.request_timeout,
-                    s.retry_attempts,
-                )
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            (None, Some(_)) => {
+                // Else with the GIL held: the epoch lock is held here, and a thread waiting
+                // for it with the GIL would deadlock a release. (SQLite: a local open.)
+                let (d, f) = match prepared {
+                    Some(opened) => opened,
+                    None => s
+                        .open_spool(self.logger.clone_ref(py))
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                };
                 forwarder = f;
                 Target::Rust(d)
             }
             (None, None) => {
-                let mut b = HttpDispatcher::builder()
-                    .gzip(s.gzip)
-                    .request_timeout(s.request_timeout)
-                    .retry(RetryPolicy {
-                        max_attempts: s.retry_attempts,
-                        ..RetryPolicy::default()
-                    });
-                if let Some(url) = &s.endpoint {
-                    b = b.endpoint(url.clone());
+                let (us, eu) = s.upstreams();
+                match (us, eu) {
+                    (Some(us), Some(eu)) => Target::Rust(Box::new(RelayRoutes {
+                        us: Box::new(s.http(Some(us))?),
+                        eu: Box::new(s.http(Some(eu))?),
+                    })),
+                    (us, _) => Target::Rust(Box::new(s.http(us)?)),
                 }
-                if let Some(token) = &s.auth_token {
-                    b = b.header("Authorization", format!("Bearer {token}"));
-                }
-                let http = b
-                    .build()
-                    .map_err(|e| PyValueError::new_err(format!("HTTP dispatcher: {e}")))?;
-                Target::Rust(Box::new(http))
             }
         };
         // The SDK calls a Python dispatcher from one thread; so does this.
@@ -561,7 +726,20 @@ impl BatchEventProcessor {
         let thread = std::thread::Builder::new()
             .name("tributary-py-convert".into())
             .spawn(move || {
-                convert_loop(&rx, &mut converter, &feed, &counters, &logger);
+                // No panic across threads: a bug in conversion ends this thread with a log
+                // line, and process() then says so instead of "queue is full".
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    convert_loop(&rx, &mut converter, &feed, &counters, &logger)
+                }));
+                drop(rx);
+                if let Err(panic) = ran {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    pylog::log(&logger, "error", &format!("BatchEventProcessor converter thread failed (a bug in tributary-events, please report it): {why}"));
+                }
                 let _ = done_tx.send(());
             })
             .map_err(|e| {
@@ -574,7 +752,7 @@ impl BatchEventProcessor {
             done,
         });
         epoch.phase = Phase::Running;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -596,6 +774,12 @@ fn convert_loop(
     let mut run: Vec<Msg> = Vec::with_capacity(CONVERT_RUN);
     let mut items: Vec<Item> = Vec::with_capacity(CONVERT_RUN);
     while let Ok(first) = rx.recv() {
+        if pylog::interpreter_exiting() {
+            // What is left would need the GIL to convert; the interpreter is going.
+            let left = 1 + rx.try_iter().count() as u64;
+            counters.dropped_at_stop.fetch_add(left, Ordering::Relaxed);
+            return;
+        }
         run.push(first);
         while run.len() < CONVERT_RUN {
             match rx.try_recv() {
@@ -621,18 +805,44 @@ fn convert_loop(
                 }
             }
         });
+        let (mut stuck, mut closed) = (0u64, 0u64);
+        let mut stop = false;
         for item in items.drain(..) {
             match item {
                 Item::Event(e) => match rust.process_timeout(*e, FEED_TIMEOUT) {
                     Ok(()) => {}
-                    Err(ProcessError::QueueFull) => {
-                        tracing::error!("batcher queue full for {FEED_TIMEOUT:?}: event dropped");
-                    }
-                    Err(e) => tracing::error!("event not taken by the batcher: {e}"),
+                    Err(ProcessError::QueueFull) => stuck += 1,
+                    // Closed by a `stop()` that timed out before conversion got here.
+                    Err(_) => closed += 1,
                 },
                 Item::Flush => rust.flush(),
-                Item::Stop => return,
+                Item::Stop => {
+                    stop = true;
+                    break;
+                }
             }
+        }
+        if stuck + closed > 0 {
+            counters
+                .dropped_queue_full
+                .fetch_add(stuck, Ordering::Relaxed);
+            counters
+                .dropped_at_stop
+                .fetch_add(closed, Ordering::Relaxed);
+            // tracing has no subscriber in a Python process: the user's logger it is.
+            let message = if closed > 0 {
+                format!(
+                    "BatchEventProcessor: {closed} events dropped: stop() closed the batcher before they were converted (counted in stats()[\"dropped_at_stop\"])"
+                )
+            } else {
+                format!(
+                    "BatchEventProcessor: {stuck} events dropped: the batcher took none for {FEED_TIMEOUT:?} (counted in stats()[\"dropped_queue_full\"])"
+                )
+            };
+            pylog::log(logger, "error", &message);
+        }
+        if stop {
+            return;
         }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pyo3::prelude::*;
 use tokio::sync::{Notify, watch};
 use tributary::EventDispatcher;
 use tributary_spool::forward::{Forwarder, ForwarderConfig, UpstreamConfig, Upstreams};
@@ -71,10 +72,20 @@ impl InProcessForwarder {
     }
 }
 
+impl Drop for InProcessForwarder {
+    /// Dropped without [`stop`](Self::stop) (a dispatcher garbage-collected unclosed): the
+    /// thread ends after its current cycle; what is spooled stays for the next start.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 /// The dispatcher for `setting`, and the forwarder to run beside it (SQLite only).
 pub(crate) fn open(
     setting: &SpoolSetting,
     endpoint: Option<&str>,
+    eu_endpoint: Option<&str>,
+    logger: Option<Py<PyAny>>,
     request_timeout: Duration,
     attempts: u32,
 ) -> Result<(Box<dyn EventDispatcher>, Option<InProcessForwarder>), SpoolSetupError> {
@@ -101,7 +112,7 @@ pub(crate) fn open(
             };
             if let Some(url) = endpoint {
                 upstream.us = url.to_owned();
-                upstream.eu = url.to_owned();
+                upstream.eu = eu_endpoint.unwrap_or(url).to_owned();
             }
             let upstreams = Arc::new(Upstreams::new(&upstream).map_err(|e| err(e.to_string()))?);
             let forwarder = Forwarder::new(
@@ -123,12 +134,12 @@ pub(crate) fn open(
                 .name("tributary-py-forward".into())
                 .spawn(move || {
                     runtime.block_on(async move {
-                        forward_until_stopped(&forwarder, stop_rx).await;
+                        forward_until_stopped(&forwarder, stop_rx, logger.as_ref()).await;
                         let deadline = *until.lock().unwrap_or_else(PoisonError::into_inner);
                         if let Some(deadline) = deadline
                             && let Err(e) = forwarder.drain(deadline).await
                         {
-                            tracing::warn!("spool drain at stop: {e}");
+                            warn(logger.as_ref(), &format!("spool drain at stop: {e}"));
                         }
                     });
                     let _ = done_tx.send(());
@@ -147,23 +158,41 @@ pub(crate) fn open(
     }
 }
 
+/// To the Python logger when there is one (tracing has no subscriber in Python).
+fn warn(logger: Option<&Py<PyAny>>, message: &str) {
+    match logger {
+        Some(l) => crate::pylog::log(l, "warning", message),
+        None => tracing::warn!("{message}"),
+    }
+}
+
 /// Forwarding cycles until `stop` turns true. Unlike `Forwarder::run`, a cycle is never cut
 /// short by the stop (which would release payloads whose requests were already sent, and
 /// send them again in the drain that follows): the stop is looked at between cycles.
-async fn forward_until_stopped(forwarder: &Forwarder, mut stop: watch::Receiver<bool>) {
+async fn forward_until_stopped(
+    forwarder: &Forwarder,
+    mut stop: watch::Receiver<bool>,
+    logger: Option<&Py<PyAny>>,
+) {
     let idle = ForwarderConfig::default().flush_interval;
     while !*stop.borrow() {
         let more = match forwarder.cycle().await {
             Ok((_, more)) => more,
             Err(e) => {
-                tracing::warn!("spool forwarding cycle failed: {e}");
+                warn(logger, &format!("spool forwarding cycle failed: {e}"));
                 false
             }
         };
         if !more {
             tokio::select! {
                 _ = tokio::time::sleep(idle) => {}
-                _ = stop.changed() => {}
+                changed = stop.changed() => {
+                    // The sender is gone (its owner dropped without stop()): stop too, or
+                    // `changed()` returns at once forever and this spins.
+                    if changed.is_err() {
+                        return;
+                    }
+                }
             }
         }
     }

@@ -4,7 +4,10 @@
 import gzip
 import json
 import os
+import signal
 import threading
+import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -86,6 +89,7 @@ class RecordingServer:
         self.on_request = on_request
         self.bodies = []
         self.headers = []
+        self.paths = []
         self.status = status
         cond = self._cond = threading.Condition()
         outer = self
@@ -101,6 +105,7 @@ class RecordingServer:
                     raw = gzip.decompress(raw)
                 with cond:
                     outer.bodies.append(json.loads(raw))
+                    outer.paths.append(self.path)
                     outer.headers.append({k.lower(): v for k, v in self.headers.items()})
                     cond.notify_all()
                 self.send_response(outer.status)
@@ -145,3 +150,27 @@ def server():
 
 def uuids(visitors):
     return [s["events"][0]["uuid"] for v in visitors for s in v["snapshots"]]
+
+
+def run_in_child(body, timeout=60):
+    """Runs `body()` in a forked child and returns its exit code (`body`'s return value, 1 if
+    it raised). A child still running after `timeout` s is killed and fails the test."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the forked child was still running after {timeout} s (killed): it hung")
+        time.sleep(0.02)

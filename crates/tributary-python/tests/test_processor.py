@@ -5,6 +5,7 @@ import logging
 import os
 import queue
 import threading
+import time
 
 import pytest
 from optimizely import optimizely as optimizely_client
@@ -174,7 +175,11 @@ def test_process_refuses_other_objects_with_a_type_error_and_keeps_running(confi
         ({"batch_size": "10"}, r"batch_size must be an integer"),
         ({"batch_size": True}, r"batch_size must be an integer"),
         ({"flush_interval": 0}, r"flush_interval must be a number of seconds more than 0"),
-        ({"timeout_interval": -1}, r"timeout_interval must be a number of seconds from 0"),
+        ({"timeout_interval": -1}, r"timeout_interval must be a number of seconds more than 0"),
+        # The SDK takes <= 0 as invalid too; 0 would give stop() no time to deliver anything.
+        ({"timeout_interval": 0}, r"timeout_interval must be a number of seconds more than 0"),
+        ({"spool": "/tmp/x", "auth_token": "t"}, r"auth_token and gzip apply to the HTTP mode only"),
+        ({"spool": "sqs://q", "gzip": True}, r"auth_token and gzip apply to the HTTP mode only"),
         ({"queue_capacity": 0}, r"queue_capacity must be an integer from 1 to 10000000"),
         ({"retry_attempts": 0}, r"retry_attempts must be an integer from 1 to 100"),
         ({"endpoint": "ftp://x"}, r"endpoint"),
@@ -205,16 +210,18 @@ def test_a_full_queue_is_counted_and_logged_once(configs, fixture_calls, caplog)
 
     p = BatchEventProcessor(Blocked(), start_on_init=True, queue_capacity=5, batch_size=1, timeout_interval=30)
     events = conversions(configs["main"], "u", random.Random(1), 3000, fixture_calls)
-    with caplog.at_level(logging.WARNING, logger="tributary_events"):
-        for e in events:
-            p.process(e)
-    s = p.stats()
-    assert s["dropped_queue_full"] > 0
-    assert s["accepted"] + s["dropped_queue_full"] == len(events)
-    full = [r for r in caplog.records if "queue is full" in r.getMessage()]
-    assert len(full) == 1, [r.getMessage() for r in caplog.records]
-    release.set()
-    p.stop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tributary_events"):
+            for e in events:
+                p.process(e)
+        s = p.stats()
+        assert s["dropped_queue_full"] > 0
+        assert s["accepted"] + s["dropped_queue_full"] == len(events)
+        full = [r for r in caplog.records if "queue is full" in r.getMessage()]
+        assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    finally:
+        release.set()
+        p.stop()
     after = p.stats()
     assert after["accepted"] == s["accepted"]
     assert after["dispatched"] == after["accepted"], "every accepted event delivered once the dispatcher moved"
@@ -351,3 +358,81 @@ def test_stop_before_start_says_what_it_did_not_send(configs, fixture_calls, rec
         p.stop()
     assert any("3 queued events not sent" in r.getMessage() for r in caplog.records)
     assert not p.is_running and recorder.log_events == []
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_an_sdk_simple_logger_gets_the_warnings(recorder):
+    from optimizely.logger import SimpleLogger, adapt_logger
+
+    sdk_logger = SimpleLogger(min_level=logging.DEBUG)
+    handler = ListHandler()
+    adapt_logger(sdk_logger).addHandler(handler)
+    p = BatchEventProcessor(recorder, logger=sdk_logger, start_on_init=True)
+    try:
+        p.start()
+    finally:
+        p.stop()
+    assert "BatchEventProcessor already started." in handler.messages, handler.messages
+
+
+def test_events_still_unconverted_when_stop_times_out_are_counted_dropped_at_stop(configs, fixture_calls, recorder, caplog):
+    from optimizely.event.user_event import ConversionEvent
+
+    gate = threading.Event()
+
+    class Slow(ConversionEvent):
+        # The converter reads uuid: it waits here until the test lets it go.
+        @property
+        def uuid(self):
+            gate.wait(30)
+            return self.__dict__["uuid"]
+
+    events = []
+    for e in conversions(configs["main"], "slow", random.Random(8), 5, fixture_calls):
+        s = Slow.__new__(Slow)
+        s.__dict__.update(e.__dict__)
+        events.append(s)
+    p = BatchEventProcessor(recorder, start_on_init=True, timeout_interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="tributary_events"):
+        try:
+            for e in events:
+                p.process(e)
+            p.stop()
+            assert any("dropped_at_stop" in r.getMessage() for r in caplog.records), caplog.text
+        finally:
+            gate.set()
+        deadline = time.monotonic() + 30
+        while p.stats()["dropped_at_stop"] < 5:
+            assert time.monotonic() < deadline, f"not all counted: {p.stats()}"
+            time.sleep(0.02)
+    s = p.stats()
+    assert s["accepted"] == 5 and s["dropped_at_stop"] == 5 and s["dispatched"] == 0, s
+    assert recorder.log_events == []
+    # One message per converter run (the five may be split over runs).
+    assert any("events dropped: stop() closed the batcher" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_rollout_impressions_without_experiment_or_variation_match_the_sdk(configs):
+    from optimizely.event.user_event_factory import UserEventFactory
+    from optimizely.helpers.enums import DecisionSources
+
+    config = configs["main"]
+    flag = next(iter(config.feature_key_map))
+    # What the SDK sends for a flag with no rollout rule matched (send_flag_decisions).
+    events = [
+        UserEventFactory.create_impression_event(
+            config, None, None, flag, "", DecisionSources.ROLLOUT, False, f"none-{i}", {"country": "DE"}, None
+        )
+        for i in range(5)
+    ]
+    assert all(e is not None and e.experiment is None and e.variation is None for e in events)
+    sdk, ours = run_sdk(events, 10), run_tributary(events, 10)
+    assert ours.log_events == sdk.log_events

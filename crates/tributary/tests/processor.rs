@@ -328,6 +328,27 @@ fn close_is_bounded_when_the_dispatcher_hangs() {
 }
 
 #[test]
+fn close_within_waits_until_the_given_deadline_not_close_timeout() {
+    let (gate_tx, gate) = bounded::<()>(0);
+    let (entered, entered_rx) = bounded(1);
+    let p = BatchEventProcessor::builder()
+        .dispatcher(Hanging { gate, entered })
+        .batch_size(1)
+        // Far beyond the deadline given below: a close that used it would wait minutes.
+        .close_timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    p.process(event(&ctx(), "u")).expect("queued");
+    entered_rx.recv_timeout(WAIT).unwrap();
+    let budget = Duration::from_millis(200);
+    let report = p.close_within(Instant::now() + budget);
+    assert!(!report.completed(), "{report:?}");
+    assert!(report.waited >= budget, "{report:?}");
+    assert!(report.waited < WAIT, "{report:?}");
+    drop(gate_tx);
+}
+
+#[test]
 fn full_queue_drops_are_counted() {
     let (rec, _rx) = recorder();
     let p = BatchEventProcessor::builder()

@@ -32,7 +32,7 @@ class BatchEventProcessor(_BatchEventProcessor):
     """A drop-in for ``optimizely.event.event_processor.BatchEventProcessor``.
 
     Same parameters in the same order and the same defaults (batch 10, flush every 30 s,
-    ``stop()`` waits up to 5 s), backed by Tributary's Rust pipeline: ``process()`` only
+    ``stop()`` waits up to ``timeout_interval``, 5 s, in all), backed by Tributary's Rust pipeline: ``process()`` only
     queues the SDK's event object; conversion, batching, payload building and dispatch run
     on Tributary threads with the GIL released while Rust works.
 

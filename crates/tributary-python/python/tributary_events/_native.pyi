@@ -21,6 +21,7 @@ class _BatchEventProcessor:
         *,
         queue_capacity: Optional[int] = None,
         endpoint: Optional[str] = None,
+        relay_url: Optional[str] = None,
         gzip: bool = False,
         auth_token: Optional[str] = None,
         retry_attempts: Optional[int] = None,

@@ -55,22 +55,42 @@ def no_op_logger():
     return sdk_logger.NoOpLogger()
 
 
+# Every live processor, weakly: one atexit entry and one fork hook for all of them, so
+# creating processors registers nothing that outlives them.
+_PROCESSORS = weakref.WeakSet()
+
+
+def _stop_all_at_exit():
+    for p in list(_PROCESSORS):
+        p._at_exit()
+    # Threads still working (a stop() that timed out) must not take the GIL from here on.
+    from . import _native
+
+    _native._interpreter_exiting()
+
+
+def _renew_all_in_child():
+    for p in list(_PROCESSORS):
+        try:
+            p._after_fork_in_child()
+        except Exception:  # noqa: BLE001 - one processor's failure must not skip the others
+            logging.getLogger("tributary_events").exception("BatchEventProcessor: renewing after fork failed")
+
+
+atexit.register(_stop_all_at_exit)
+os.register_at_fork(after_in_child=_renew_all_in_child)
+
+
 def register_lifecycle(processor):
     """Stops `processor` at interpreter exit and renews it in a forked child.
 
     Holds only a weak reference, so registering does not keep the processor alive.
     """
-    ref = weakref.ref(processor)
+    _PROCESSORS.add(processor)
 
-    def at_exit():
-        p = ref()
-        if p is not None:
-            p._at_exit()
+def adapt_logger(logger):
+    """The SDK's own adaptation: its SimpleLogger/NoOpLogger become the `logging.Logger` they wrap.
 
-    def after_in_child():
-        p = ref()
-        if p is not None:
-            p._after_fork_in_child()
-
-    atexit.register(at_exit)
-    os.register_at_fork(after_in_child=after_in_child)
+    Their `.warning()`/`.error()` are no-ops inherited from `BaseLogger`; the SDK never calls them.
+    """
+    return sdk_logger.adapt_logger(logger)

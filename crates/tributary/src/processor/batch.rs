@@ -477,7 +477,18 @@ impl BatchEventProcessor {
     /// Idempotent: a later call (or one made while another close waits) reports at once
     /// without waiting.
     pub fn close(&self) -> CloseReport {
-        let closing = match self.begin_close() {
+        self.close_for(self.close_timeout)
+    }
+
+    /// [`close`](Self::close), waiting until `deadline` instead of `close_timeout`: for a
+    /// caller whose own time budget already started (a stop that first drained a queue of
+    /// its own).
+    pub fn close_within(&self, deadline: Instant) -> CloseReport {
+        self.close_for(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    fn close_for(&self, timeout: Duration) -> CloseReport {
+        let closing = match self.begin_close(timeout) {
             Ok(closing) => closing,
             Err(report) => return report,
         };
@@ -506,7 +517,7 @@ impl BatchEventProcessor {
     /// # });
     /// ```
     pub async fn close_async(&self) -> CloseReport {
-        let closing = match self.begin_close() {
+        let closing = match self.begin_close(self.close_timeout) {
             Ok(closing) => closing,
             Err(report) => return report,
         };
@@ -532,7 +543,7 @@ impl BatchEventProcessor {
 
     /// Moves to `Closed`, stops intake and sets the dispatch deadline; `Err` is the report
     /// when there is nothing to wait for.
-    fn begin_close(&self) -> Result<Closing, CloseReport> {
+    fn begin_close(&self, timeout: Duration) -> Result<Closing, CloseReport> {
         let started = Instant::now();
         let mut lifecycle = self.lifecycle();
         let done = match mem::replace(&mut *lifecycle, Lifecycle::Closed { done: None }) {
@@ -560,9 +571,9 @@ impl BatchEventProcessor {
         };
         // From here on process() refuses events; the batcher drains what was accepted.
         self.shared.state.fetch_or(STOPPED, Ordering::AcqRel);
-        let deadline = deadline_after(self.close_timeout);
+        let deadline = deadline_after(timeout);
         if let Some(d) = deadline {
-            let margin = (self.close_timeout / 10).min(CLOSE_MARGIN);
+            let margin = (timeout / 10).min(CLOSE_MARGIN);
             self.shared
                 .deadline
                 .set(d.checked_sub(margin).unwrap_or(started));
