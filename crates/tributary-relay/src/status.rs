@@ -421,14 +421,24 @@ fn selection(action: DeadLetterAction) -> Result<Selection, StatusError> {
 
 type ActionBody = Result<Json<DeadLetterAction>, axum::extract::rejection::JsonRejection>;
 
+/// What a dead-letter action may touch: the token first, then the body, as ingest checks.
+fn authorized_selection(
+    state: &StatusState,
+    headers: &HeaderMap,
+    body: ActionBody,
+) -> Result<Selection, StatusError> {
+    state.authorize(headers)?;
+    let Json(action) = body.map_err(|e| StatusError::BadRequest(e.body_text()))?;
+    selection(action)
+}
+
 async fn retry(
     State(state): State<Arc<StatusState>>,
     headers: HeaderMap,
     body: ActionBody,
 ) -> Result<Json<serde_json::Value>, StatusError> {
-    state.authorize(&headers)?;
-    let Json(action) = body.map_err(|e| StatusError::BadRequest(e.body_text()))?;
-    let n = state.spool.retry_dead_letters(selection(action)?).await?;
+    let which = authorized_selection(&state, &headers, body)?;
+    let n = state.spool.retry_dead_letters(which).await?;
     state.invalidate();
     tracing::info!(
         dead_letters = n,
@@ -442,9 +452,8 @@ async fn purge(
     headers: HeaderMap,
     body: ActionBody,
 ) -> Result<Json<serde_json::Value>, StatusError> {
-    state.authorize(&headers)?;
-    let Json(action) = body.map_err(|e| StatusError::BadRequest(e.body_text()))?;
-    let n = state.spool.purge_dead_letters(selection(action)?).await?;
+    let which = authorized_selection(&state, &headers, body)?;
+    let n = state.spool.purge_dead_letters(which).await?;
     state.invalidate();
     tracing::warn!(dead_letters = n, "dead letters purged from the status page");
     Ok(Json(serde_json::json!({ "purged": n })))
