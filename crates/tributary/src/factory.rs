@@ -7,12 +7,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Serialize;
 
 use crate::event::{EventContext, UserEvent};
 use crate::log_event::LogEvent;
 use crate::raw::{MAX_PAYLOAD_BYTES, RawBatch, encoded_len};
-use crate::visitor_json::write_visitor;
+use crate::visitor_json::{estimated_len, write_header_fields, write_visitor};
 
 /// Turns user events into [`LogEvent`]s: one visitor object per event, as the SDKs send,
 /// events of one context per payload, and as many payloads as needed so that none is larger
@@ -125,7 +124,10 @@ impl EventFactory {
     ) {
         let header = header_bytes(ctx);
         let url = ctx.region.endpoint();
-        let capacity = (events.len() * 700).min(self.max_batch_bytes) + header.len() + 32;
+        // Sized from the events' own strings so that the body does not regrow (a regrowth
+        // copies all visitors written so far); over-estimates a little for plain ASCII.
+        let visitors: usize = events.iter().map(estimated_len).sum();
+        let capacity = visitors.min(self.max_batch_bytes) + header.len() + 32;
         let mut body = BodyWriter::new(&header, capacity);
         for (i, event) in events.iter().enumerate() {
             let mark = body.buf.len();
@@ -209,32 +211,16 @@ fn same_context(a: &Arc<EventContext>, b: &Arc<EventContext>) -> bool {
     Arc::ptr_eq(a, b) || a == b
 }
 
-/// The header fields in the order the Python SDK writes them.
+/// The header fields in the order the Python SDK writes them, without braces: a list of
+/// fields to embed in a body.
 fn header_bytes(ctx: &EventContext) -> Bytes {
-    #[derive(Serialize)]
-    struct Header<'a> {
-        account_id: &'a str,
-        project_id: &'a str,
-        revision: &'a str,
-        client_name: &'a str,
-        client_version: &'a str,
-        anonymize_ip: bool,
-        enrich_decisions: bool,
-    }
-    let header = Header {
-        account_id: &ctx.account_id,
-        project_id: &ctx.project_id,
-        revision: &ctx.revision,
-        client_name: &ctx.client_name,
-        client_version: &ctx.client_version,
-        anonymize_ip: ctx.anonymize_ip,
-        enrich_decisions: true,
-    };
-    let mut json = serde_json::to_vec(&header).unwrap_or_default();
-    // Strip the braces: the header is a list of fields to embed in a body.
-    if json.len() >= 2 {
-        json.pop();
-        json.remove(0);
-    }
-    Bytes::from(json)
+    let mut out = Vec::with_capacity(
+        160 + ctx.account_id.len()
+            + ctx.project_id.len()
+            + ctx.revision.len()
+            + ctx.client_name.len()
+            + ctx.client_version.len(),
+    );
+    write_header_fields(&mut out, ctx);
+    Bytes::from(out)
 }

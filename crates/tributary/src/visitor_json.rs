@@ -5,10 +5,13 @@
 //! punctuation are a third of a visitor's bytes. Here they are constant byte strings, copied;
 //! string values take a fast path that checks eight bytes at a time for anything needing an
 //! escape and copies the string whole when nothing does. Only what serde_json formats in ways
-//! worth not re-implementing - floats and the conversion's arbitrary `tags` - still goes
-//! through it, so those bytes are serde_json's by construction.
+//! worth not re-implementing - numbers inside the conversion's `tags`, floats, strings that
+//! need escaping - still goes through it, so those bytes are serde_json's by construction.
+//! The body's header fields are written the same way.
 
-use crate::event::{AttributeValue, Impression, UserEvent, UserEventKind, VisitorAttribute};
+use crate::event::{
+    AttributeValue, EventContext, Impression, UserEvent, UserEventKind, VisitorAttribute,
+};
 
 /// The impression event key the Event API expects.
 pub(crate) const ACTIVATE_EVENT_KEY: &str = "campaign_activated";
@@ -90,7 +93,7 @@ pub(crate) fn write_visitor(out: &mut Vec<u8>, e: &UserEvent) {
             }
             if let Some(tags) = &conv.tags {
                 out.extend_from_slice(br#","tags":"#);
-                write_serde(out, tags);
+                write_json_map(out, tags);
             }
             out.extend_from_slice(b"}]}],");
         }
@@ -191,27 +194,91 @@ fn zero_lanes(x: u64) -> u64 {
 }
 
 /// Whether any byte is `"`, `\` or below 0x20: what serde_json escapes (it writes every
-/// other byte, non-ASCII included, as it is). Eight bytes at a time.
+/// other byte, non-ASCII included, as it is). Eight bytes at a time, the tail too: most ids
+/// and keys are shorter than 16 bytes, so a byte-at-a-time tail loop cost as much as the rest.
 #[inline]
 fn needs_escape(bytes: &[u8]) -> bool {
     let mut chunks = bytes.chunks_exact(8);
     for chunk in &mut chunks {
         let mut lane = [0u8; 8];
         lane.copy_from_slice(chunk);
-        let x = u64::from_ne_bytes(lane);
-        // Bytes below 0x20: subtracting 0x20 borrows into the high bit only from such a
-        // byte (for a byte with its own high bit clear); the first lane that does is exact.
-        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
-        let quote = zero_lanes(x ^ (ONES * u64::from(b'"')));
-        let backslash = zero_lanes(x ^ (ONES * u64::from(b'\\')));
-        if control | quote | backslash != 0 {
+        if lane_needs_escape(u64::from_ne_bytes(lane)) {
             return true;
         }
     }
-    chunks
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    let rest = chunks.remainder();
+    // Padded with a byte that needs no escape.
+    let mut lane = [b'a'; 8];
+    lane[..rest.len()].copy_from_slice(rest);
+    lane_needs_escape(u64::from_ne_bytes(lane))
+}
+
+#[inline]
+fn lane_needs_escape(x: u64) -> bool {
+    // Bytes below 0x20: subtracting 0x20 borrows into the high bit only from such a byte
+    // (for a byte with its own high bit clear), so whether any lane does is exact.
+    let control = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
+    let quote = zero_lanes(x ^ (ONES * u64::from(b'"')));
+    let backslash = zero_lanes(x ^ (ONES * u64::from(b'\\')));
+    control | quote | backslash != 0
+}
+
+/// Appends the header fields of a body (the object's members before `"visitors"`, without
+/// braces), in the order the Python SDK writes them.
+pub(crate) fn write_header_fields(out: &mut Vec<u8>, ctx: &EventContext) {
+    out.extend_from_slice(br#""account_id":"#);
+    write_str(out, &ctx.account_id);
+    out.extend_from_slice(br#","project_id":"#);
+    write_str(out, &ctx.project_id);
+    out.extend_from_slice(br#","revision":"#);
+    write_str(out, &ctx.revision);
+    out.extend_from_slice(br#","client_name":"#);
+    write_str(out, &ctx.client_name);
+    out.extend_from_slice(br#","client_version":"#);
+    write_str(out, &ctx.client_version);
+    out.extend_from_slice(if ctx.anonymize_ip {
+        br#","anonymize_ip":true"#
+    } else {
+        br#","anonymize_ip":false"#
+    });
+    out.extend_from_slice(br#","enrich_decisions":true"#);
+}
+
+/// A JSON value as serde_json writes it (compact), with strings and object keys through the
+/// fast escape path and only numbers left to serde_json.
+fn write_json_value(out: &mut Vec<u8>, v: &serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => write_serde(out, n),
+        Value::String(s) => write_str(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_value(out, item);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => write_json_map(out, map),
+    }
+}
+
+fn write_json_map(out: &mut Vec<u8>, map: &serde_json::Map<String, serde_json::Value>) {
+    out.push(b'{');
+    for (i, (key, value)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, key);
+        out.push(b':');
+        write_json_value(out, value);
+    }
+    out.push(b'}');
 }
 
 /// The Event API takes a variation id only as a non-empty string of ASCII digits.
@@ -320,6 +387,33 @@ mod oracle {
         experiment_id: &'a str,
         variation_id: Option<&'a String>,
         metadata: MetadataRef<'a>,
+    }
+
+    /// The header fields as the factory serialised them with serde_json (braces stripped).
+    pub(super) fn header(ctx: &crate::event::EventContext) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Header<'a> {
+            account_id: &'a str,
+            project_id: &'a str,
+            revision: &'a str,
+            client_name: &'a str,
+            client_version: &'a str,
+            anonymize_ip: bool,
+            enrich_decisions: bool,
+        }
+        let header = Header {
+            account_id: &ctx.account_id,
+            project_id: &ctx.project_id,
+            revision: &ctx.revision,
+            client_name: &ctx.client_name,
+            client_version: &ctx.client_version,
+            anonymize_ip: ctx.anonymize_ip,
+            enrich_decisions: true,
+        };
+        let mut json = serde_json::to_vec(&header).expect("the header serialises");
+        json.pop();
+        json.remove(0);
+        json
     }
 
     struct MetadataRef<'a>(&'a crate::event::Impression);
@@ -519,6 +613,21 @@ mod tests {
                 String::from_utf8_lossy(&serde)
             );
             prop_assert_eq!(hand, serde);
+        }
+
+        #[test]
+        fn hand_written_header_is_byte_identical_to_serde(
+            ids in (text(), text(), text(), text(), text()),
+            anonymize_ip in any::<bool>(),
+        ) {
+            let (account_id, project_id, revision, client_name, client_version) = ids;
+            let mut ctx = EventContext::new(account_id, project_id, revision);
+            ctx.client_name = client_name;
+            ctx.client_version = client_version;
+            ctx.anonymize_ip = anonymize_ip;
+            let mut hand = Vec::new();
+            write_header_fields(&mut hand, &ctx);
+            prop_assert_eq!(hand, oracle::header(&ctx));
         }
 
         #[test]
