@@ -7,15 +7,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::ser::{SerializeMap, SerializeStruct};
-use serde::{Serialize, Serializer};
 
-use crate::event::{EventContext, UserEvent, UserEventKind};
+use crate::event::{EventContext, UserEvent};
 use crate::log_event::LogEvent;
 use crate::raw::{MAX_PAYLOAD_BYTES, RawBatch, encoded_len};
-
-/// The impression event key the Event API expects.
-const ACTIVATE_EVENT_KEY: &str = "campaign_activated";
+use crate::visitor_json::{estimated_len, write_header_fields, write_visitor};
 
 /// Turns user events into [`LogEvent`]s: one visitor object per event, as the SDKs send,
 /// events of one context per payload, and as many payloads as needed so that none is larger
@@ -128,7 +124,10 @@ impl EventFactory {
     ) {
         let header = header_bytes(ctx);
         let url = ctx.region.endpoint();
-        let capacity = (events.len() * 700).min(self.max_batch_bytes) + header.len() + 32;
+        // Sized from the events' own strings so that the body does not regrow (a regrowth
+        // copies all visitors written so far); over-estimates a little for plain ASCII.
+        let visitors: usize = events.iter().map(estimated_len).sum();
+        let capacity = visitors.min(self.max_batch_bytes) + header.len() + 32;
         let mut body = BodyWriter::new(&header, capacity);
         for (i, event) in events.iter().enumerate() {
             let mark = body.buf.len();
@@ -136,13 +135,7 @@ impl EventFactory {
                 body.buf.push(b',');
             }
             let start = body.buf.len();
-            // Writing into a Vec cannot fail, and the types serialised have no maps with
-            // non-string keys, so an error here would be a bug in this module.
-            if let Err(e) = serde_json::to_writer(&mut body.buf, &VisitorRef(event)) {
-                tracing::error!(error = %e, "serialising a visitor failed; event skipped");
-                body.buf.truncate(mark);
-                continue;
-            }
+            write_visitor(&mut body.buf, event);
             let len = body.buf.len() - start;
             let alone = encoded_len(header.len(), len, 1);
             if alone > self.max_batch_bytes {
@@ -218,150 +211,16 @@ fn same_context(a: &Arc<EventContext>, b: &Arc<EventContext>) -> bool {
     Arc::ptr_eq(a, b) || a == b
 }
 
-/// The header fields in the order the Python SDK writes them.
+/// The header fields in the order the Python SDK writes them, without braces: a list of
+/// fields to embed in a body.
 fn header_bytes(ctx: &EventContext) -> Bytes {
-    #[derive(Serialize)]
-    struct Header<'a> {
-        account_id: &'a str,
-        project_id: &'a str,
-        revision: &'a str,
-        client_name: &'a str,
-        client_version: &'a str,
-        anonymize_ip: bool,
-        enrich_decisions: bool,
-    }
-    let header = Header {
-        account_id: &ctx.account_id,
-        project_id: &ctx.project_id,
-        revision: &ctx.revision,
-        client_name: &ctx.client_name,
-        client_version: &ctx.client_version,
-        anonymize_ip: ctx.anonymize_ip,
-        enrich_decisions: true,
-    };
-    let mut json = serde_json::to_vec(&header).unwrap_or_default();
-    // Strip the braces: the header is a list of fields to embed in a body.
-    if json.len() >= 2 {
-        json.pop();
-        json.remove(0);
-    }
-    Bytes::from(json)
-}
-
-/// Serialises a user event as one visitor object without building intermediate values.
-struct VisitorRef<'a>(&'a UserEvent);
-
-impl Serialize for VisitorRef<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.0;
-        let mut v = s.serialize_struct("Visitor", 3)?;
-        v.serialize_field("snapshots", &[SnapshotRef(e)])?;
-        v.serialize_field("attributes", &e.attributes)?;
-        v.serialize_field("visitor_id", &e.user_id)?;
-        v.end()
-    }
-}
-
-struct SnapshotRef<'a>(&'a UserEvent);
-
-impl Serialize for SnapshotRef<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let e = self.0;
-        match &e.kind {
-            UserEventKind::Impression(imp) => {
-                let campaign_id = if imp.campaign_id.is_empty() {
-                    &imp.experiment_id
-                } else {
-                    &imp.campaign_id
-                };
-                let mut snap = s.serialize_struct("Snapshot", 2)?;
-                snap.serialize_field(
-                    "events",
-                    &[EventRef {
-                        entity_id: campaign_id,
-                        uuid: &e.uuid,
-                        key: ACTIVATE_EVENT_KEY,
-                        timestamp: e.timestamp,
-                        revenue: None,
-                        value: None,
-                        tags: None,
-                    }],
-                )?;
-                let variation_id = is_numeric_id(&imp.variation_id).then_some(&imp.variation_id);
-                snap.serialize_field(
-                    "decisions",
-                    &[DecisionRef {
-                        campaign_id,
-                        experiment_id: &imp.experiment_id,
-                        variation_id,
-                        metadata: MetadataRef(imp),
-                    }],
-                )?;
-                snap.end()
-            }
-            UserEventKind::Conversion(conv) => {
-                let mut snap = s.serialize_struct("Snapshot", 1)?;
-                snap.serialize_field(
-                    "events",
-                    &[EventRef {
-                        entity_id: &conv.event_id,
-                        uuid: &e.uuid,
-                        key: &conv.event_key,
-                        timestamp: e.timestamp,
-                        revenue: conv.revenue,
-                        value: conv.value,
-                        tags: conv.tags.as_ref(),
-                    }],
-                )?;
-                snap.end()
-            }
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct EventRef<'a> {
-    entity_id: &'a str,
-    uuid: &'a str,
-    key: &'a str,
-    timestamp: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    revenue: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tags: Option<&'a serde_json::Map<String, serde_json::Value>>,
-}
-
-#[derive(Serialize)]
-struct DecisionRef<'a> {
-    campaign_id: &'a str,
-    experiment_id: &'a str,
-    variation_id: Option<&'a String>,
-    metadata: MetadataRef<'a>,
-}
-
-struct MetadataRef<'a>(&'a crate::event::Impression);
-
-impl Serialize for MetadataRef<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let imp = self.0;
-        // The SDKs leave cmab_uuid out when it is empty as well as when it is unset.
-        let cmab = imp.cmab_uuid.as_deref().filter(|c| !c.is_empty());
-        let mut m = s.serialize_map(Some(5 + usize::from(cmab.is_some())))?;
-        m.serialize_entry("flag_key", &imp.flag_key)?;
-        m.serialize_entry("rule_key", &imp.rule_key)?;
-        m.serialize_entry("rule_type", &imp.rule_type)?;
-        m.serialize_entry("variation_key", &imp.variation_key)?;
-        m.serialize_entry("enabled", &imp.enabled)?;
-        if let Some(cmab) = cmab {
-            m.serialize_entry("cmab_uuid", cmab)?;
-        }
-        m.end()
-    }
-}
-
-/// The Event API takes a variation id only as a non-empty string of ASCII digits.
-fn is_numeric_id(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+    let mut out = Vec::with_capacity(
+        160 + ctx.account_id.len()
+            + ctx.project_id.len()
+            + ctx.revision.len()
+            + ctx.client_name.len()
+            + ctx.client_version.len(),
+    );
+    write_header_fields(&mut out, ctx);
+    Bytes::from(out)
 }

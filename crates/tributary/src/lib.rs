@@ -67,6 +67,7 @@ pub mod raw;
 pub mod retry;
 pub mod user_event_factory;
 pub mod validate;
+mod visitor_json;
 
 pub use datafile::{DatafileError, ProjectConfig};
 #[cfg(feature = "http")]
