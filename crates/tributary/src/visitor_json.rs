@@ -164,9 +164,12 @@ fn write_attribute(out: &mut Vec<u8>, a: &VisitorAttribute) {
 /// Values whose formatting must stay exactly serde_json's.
 fn write_serde<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     // Writing into a Vec cannot fail, and neither floats nor string-keyed maps of JSON
-    // values can fail to serialise; `null` keeps the body valid if that ever changed.
+    // values can fail to serialise. Should that ever change, whatever was half written is
+    // cut off and `null` written in its place, so the body stays valid JSON.
+    let at = out.len();
     if let Err(e) = serde_json::to_writer(&mut *out, value) {
         tracing::error!(error = %e, "serialising a value failed; written as null");
+        out.truncate(at);
         out.extend_from_slice(b"null");
     }
 }
@@ -468,6 +471,27 @@ mod tests {
         ]
     }
 
+    /// Harder strings for the escape check alone (nested in the visitor strategy they make
+    /// its value tree too deep for a debug build's test-thread stack).
+    fn escape_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            text(),
+            // Control bytes beside multi-byte UTF-8, and past the first few chunks.
+            "[\\x00-\\x1f\"\\\\a-z\u{e9}\u{4e2d}\u{1F600}\u{2028}]{0,40}",
+            // A clean string of up to 64 bytes with one byte needing escape anywhere in it.
+            (
+                "[a-z\u{e9}]{0,64}",
+                0usize..65,
+                prop_oneof![Just('"'), Just('\\'), (0u8..0x20).prop_map(char::from)]
+            )
+                .prop_map(|(s, at, c)| {
+                    let mut chars: Vec<char> = s.chars().collect();
+                    chars.insert(at.min(chars.len()), c);
+                    chars.into_iter().collect()
+                }),
+        ]
+    }
+
     fn number() -> impl Strategy<Value = f64> {
         prop_oneof![
             any::<f64>(),
@@ -631,7 +655,7 @@ mod tests {
         }
 
         #[test]
-        fn escaped_strings_are_byte_identical_to_serde(s in text()) {
+        fn escaped_strings_are_byte_identical_to_serde(s in escape_text()) {
             let mut hand = Vec::new();
             write_str(&mut hand, &s);
             prop_assert_eq!(hand, serde_json::to_vec(&s).expect("a str serialises"));
@@ -640,17 +664,21 @@ mod tests {
 
     #[test]
     fn every_byte_that_needs_an_escape_is_found_in_every_lane() {
-        for b in 0u8..=0x7f {
-            let expected = b < 0x20 || b == b'"' || b == b'\\';
-            for len in 1..=17 {
-                for at in 0..len {
-                    let mut bytes = vec![b'a'; len];
-                    bytes[at] = b;
-                    assert_eq!(
-                        needs_escape(&bytes),
-                        expected,
-                        "byte {b:#x} at {at} of {len}"
-                    );
+        // Every byte, on an ASCII background and on backgrounds of high bytes (which must
+        // neither hide a byte that needs escaping nor pass for one).
+        for background in [b'a', 0x80, 0xbf, 0xff] {
+            for b in 0u8..=0xff {
+                let expected = b < 0x20 || b == b'"' || b == b'\\';
+                for len in 1..=17 {
+                    for at in 0..len {
+                        let mut bytes = vec![background; len];
+                        bytes[at] = b;
+                        assert_eq!(
+                            needs_escape(&bytes),
+                            expected,
+                            "byte {b:#x} at {at} of {len} on {background:#x}"
+                        );
+                    }
                 }
             }
         }
