@@ -17,6 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
 use super::schema::{SCHEMA_VERSION, WHAT_TO_DO, migrate, precheck};
+use super::totals::Delta;
 use super::{SqliteConfig, SyncMode};
 use crate::SpoolError;
 use crate::clock::SpoolClock;
@@ -183,6 +184,38 @@ impl Store {
                 }
             }
             other => other,
+        }
+    }
+
+    /// Runs `op` in one `BEGIN IMMEDIATE` transaction of its own with the spool's time now,
+    /// then writes what it moved (the [`Delta`] it filled) to the totals and commits. On any
+    /// error nothing of it is written.
+    pub(super) fn in_transaction<T>(
+        &mut self,
+        op: impl FnOnce(&Store, i64, &mut Delta) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        let now = self.clock.now_ms();
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(storage)?;
+        let mut delta = Delta::default();
+        let result = op(self, now, &mut delta).and_then(|value| {
+            delta.write(&self.conn, now).map_err(storage)?;
+            self.conn.execute_batch("COMMIT").map_err(storage)?;
+            Ok(value)
+        });
+        if result.is_err() {
+            self.rollback();
+        }
+        result
+    }
+
+    /// Rolls back the open transaction, if SQLite has not already done so itself.
+    pub(super) fn rollback(&self) {
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::warn!(error = %e, "spool rollback failed");
         }
     }
 
