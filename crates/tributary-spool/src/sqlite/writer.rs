@@ -186,7 +186,7 @@ pub(super) fn run(
 
 /// How well the groups shared their commits, once the spool closes (for benchmarks).
 fn log_counters(c: &Counters) {
-    tracing::info!(
+    tracing::debug!(
         write_commits = c.write_commits.load(Ordering::Relaxed),
         append_commits = c.append_commits.load(Ordering::Relaxed),
         appends = c.appends.load(Ordering::Relaxed),
