@@ -135,6 +135,11 @@ impl Store {
         // Without a limit, the WAL file keeps the size of its largest burst.
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
             .map_err(storage)?;
+        // Each write of a shared group commit runs in a savepoint, whose sub-journal (the
+        // original of every page the write changes) would otherwise spill to a temporary
+        // file past 64 KiB: a lease or an ack of a large batch rewrote it all to disk.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(storage)?;
         conn.set_prepared_statement_cache_capacity(32);
         let page_size: i64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
