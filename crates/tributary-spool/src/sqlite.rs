@@ -167,8 +167,11 @@ impl SqliteConfig {
 pub struct SqliteCounters {
     /// Transactions that committed appends (one per group commit).
     pub append_commits: u64,
-    /// Group commits of writes (appends, leases, acks, releases, dead letters and
-    /// settlements together): about one fsync each with [`SyncMode::Full`].
+    /// Transactions that committed writes: one per group commit (appends, leases, acks,
+    /// releases, dead letters and settlements together), about one fsync each with
+    /// [`SyncMode::Full`]; a group run one by one (a full disk, a storage error) counts each
+    /// of its transactions that wrote something, a group refused before any transaction
+    /// none.
     pub write_commits: u64,
     /// Append calls that succeeded.
     pub appends: u64,

@@ -143,16 +143,18 @@ impl Store {
         if max_payloads == 0 {
             return Ok(Vec::new());
         }
-        self.in_transaction(|s, now, _| s.lease_in(max_payloads, max_bytes, lease_for, now))
+        self.in_transaction(|s, now, _| s.lease_in(max_payloads, max_bytes, lease_for, now, 0))
     }
 
-    /// [`Store::lease`] in the open transaction.
+    /// [`Store::lease`] in the open transaction, where `uncommitted` bytes were appended
+    /// before it and are not on disk yet (not in `room()`), but will be once it commits.
     pub(super) fn lease_in(
         &self,
         max_payloads: usize,
         max_bytes: usize,
         lease_for: Duration,
         now: i64,
+        uncommitted: u64,
     ) -> Result<Vec<Leased>, SpoolError> {
         if max_payloads == 0 {
             return Ok(Vec::new());
@@ -161,7 +163,9 @@ impl Store {
         // rewrite them again before a checkpoint can reset it: on a nearly full disk, lease
         // no more than a quarter of the room left, so delivery can always go on (at least
         // one payload, whatever its size, as ever).
-        let room = self.room();
+        // Twice: the WAL holds a copy of the appended rows until it is checkpointed, as in
+        // `refusal`.
+        let room = self.room().saturating_sub(uncommitted.saturating_mul(2));
         let max_bytes = if room < self.reserve_bytes.saturating_mul(4) {
             let cut = max_bytes.min(usize::try_from(room / 4).unwrap_or(usize::MAX));
             tracing::debug!(room, max_bytes = cut, "low on disk space: leasing less");

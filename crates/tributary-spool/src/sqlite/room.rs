@@ -120,6 +120,10 @@ impl Store {
     /// spool that cannot give free pages back (created before format 2) also counts them,
     /// since it reuses them before it grows.
     pub(super) fn room(&self) -> u64 {
+        #[cfg(test)]
+        if let Some(room) = self.room_override {
+            return room;
+        }
         // Unknown free space (statvfs failed) is u64::MAX: do not refuse on a guess;
         // SQLITE_FULL still stops appends.
         let fs_free = self.fs_free();

@@ -69,6 +69,10 @@ pub(super) struct Store {
     /// Set when an operation found the file damaged: from then on nothing is appended
     /// (a 2xx into a spool that cannot be forwarded from would be a lie).
     pub(super) damaged: Option<String>,
+    /// Tests set the room the disk reserve sees, since the real free space of a shared
+    /// file system moves under them.
+    #[cfg(test)]
+    pub(super) room_override: Option<u64>,
 }
 
 impl Store {
@@ -159,6 +163,8 @@ impl Store {
             incremental_vacuum: auto_vacuum == 2,
             clock: SpoolClock::new(config.clock.clone(), 0),
             damaged: None,
+            #[cfg(test)]
+            room_override: None,
         };
         if version < SCHEMA_VERSION {
             let tx = store.begin().map_err(storage)?;

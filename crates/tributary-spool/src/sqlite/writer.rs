@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::dead::DeadChunk;
-use super::group::{Done, Write};
+use super::group::{Done, Write, Written};
 use super::store::Store;
 use crate::{
     DeadLetter, Leased, PartialSettlement, Payload, SpoolAudit, SpoolError, SpoolStats, SpoolTotals,
@@ -250,9 +250,9 @@ fn run_alone(
 fn commit_group(store: &mut Store, group: Vec<(Write, Waiter)>, counters: &Counters) {
     let (writes, waiters): (Vec<Write>, Vec<Waiter>) = group.into_iter().unzip();
     match store.write_group(&writes) {
-        Ok(results) => {
-            counters.write_commits.fetch_add(1, Ordering::Relaxed);
-            if writes.iter().any(|w| matches!(w, Write::Append(_))) {
+        Ok(Written { results, commits }) => {
+            counters.write_commits.fetch_add(commits, Ordering::Relaxed);
+            if commits > 0 && writes.iter().any(|w| matches!(w, Write::Append(_))) {
                 counters.append_commits.fetch_add(1, Ordering::Relaxed);
             }
             for ((result, waiter), write) in results.into_iter().zip(waiters).zip(&writes) {
