@@ -3,15 +3,17 @@
 //! in one transaction with one commit, so that one fsync covers all of them and forwarding
 //! does not cut ingest's groups short.
 //!
-//! Each write runs in its own savepoint, in queue order: a write that fails (a settlement
-//! that does not add up, a storage error of its own) is rolled back alone and gets its
-//! error, and the others still commit. Every write sees the ones before it. Nothing is
+//! Each write runs in its own savepoint, in queue order: a write refused on its own (a
+//! settlement that does not add up, an append past a limit) is rolled back alone and gets
+//! its error, and the others still commit. Every write sees the ones before it. Nothing is
 //! answered before the commit (see `super::writer`).
 //!
-//! A full disk is the exception: the group is rolled back and its writes run again one by
-//! one, each as before in a transaction of its own through `Store::with_room`, so that
-//! what a full disk does to each of them (the checkpoint and one more try, deliveries
-//! going on while appends are refused) is what it always was.
+//! A full disk, or a storage error or damaged file met by any write, is the exception: the
+//! group is rolled back and its writes run again one by one, each as before in a
+//! transaction of its own through `Store::with_room`, so that what such an error does to
+//! each of them (the checkpoint and one more try, deliveries going on while appends are
+//! refused, the whole run of appends failing, no append once the file is damaged) is what
+//! it always was.
 
 use std::time::Duration;
 
