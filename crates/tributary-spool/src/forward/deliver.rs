@@ -20,6 +20,8 @@ pub(super) struct Delivery {
     pub(super) budget: Arc<IsolationBudget>,
     pub(super) max_retry_delay: Duration,
     pub(super) suspect_delay: Duration,
+    /// Most payload bytes per ack or release command ([`super::ForwarderConfig::turn_bytes`]).
+    pub(super) turn_bytes: usize,
 }
 
 /// What happened to one visitor of an isolated batch.
@@ -48,7 +50,7 @@ impl Delivery {
         metrics::histogram!("tributary_upstream_batch_bytes").record(body.len() as f64);
         match self.upstreams.send(&batch.route, body).await {
             Ok(()) => {
-                settle_delivered(&*self.spool, &batch.items, &mut summary).await?;
+                settle_delivered(&*self.spool, &batch.items, self.turn_bytes, &mut summary).await?;
             }
             Err(DispatchError::Permanent { status, message }) if is_content_rejection(status) => {
                 self.isolate(batch, (status, message), &mut summary).await?;
@@ -59,6 +61,7 @@ impl Delivery {
                     &batch.items,
                     &error,
                     self.max_retry_delay,
+                    self.turn_bytes,
                     &mut summary,
                 )
                 .await?;
@@ -194,7 +197,7 @@ impl Delivery {
                 "visitors refused upstream were isolated; each refused alone is now a dead letter"
             );
         }
-        settle_delivered(&*self.spool, &acked, summary).await?;
+        settle_delivered(&*self.spool, &acked, self.turn_bytes, summary).await?;
         if !parts.is_empty() {
             self.spool.settle_parts(parts).await?;
         }
@@ -213,18 +216,22 @@ impl Delivery {
                         &items,
                         &u.error,
                         self.max_retry_delay,
+                        self.turn_bytes,
                         summary,
                     )
                     .await?;
                 }
                 None => {
-                    let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
                     summary.events_unresolved += items
                         .iter()
                         .map(|l| u64::from(l.payload.visitor_count))
                         .sum::<u64>();
                     summary.payloads_retried += items.len() as u64;
-                    self.spool.release(&receipts, self.suspect_delay).await?;
+                    for turn in turns(&items, self.turn_bytes) {
+                        self.spool
+                            .release(&receipts(turn), self.suspect_delay)
+                            .await?;
+                    }
                 }
             }
         }
@@ -268,13 +275,41 @@ fn one_visitor(of: &Payload, visitor: &Bytes) -> Payload {
     }
 }
 
+/// `items` cut, in order, into runs of at most `turn_bytes` stored bytes (a larger item is
+/// a run of its own), so that settling a 3.5 MB batch does not hold the spool's writer, and
+/// the appends queued behind it, for the whole batch at once.
+fn turns(items: &[Leased], turn_bytes: usize) -> Vec<&[Leased]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0usize;
+    for (i, l) in items.iter().enumerate() {
+        let len = l.payload.stored_len();
+        if i > start && bytes.saturating_add(len) > turn_bytes {
+            out.push(&items[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(len);
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+fn receipts(items: &[Leased]) -> Vec<Receipt> {
+    items.iter().map(|l| l.receipt.clone()).collect()
+}
+
 async fn settle_delivered(
     spool: &dyn Spool,
     items: &[Leased],
+    turn_bytes: usize,
     summary: &mut ForwardSummary,
 ) -> Result<(), SpoolError> {
-    let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
-    spool.ack(&receipts).await?;
+    for turn in turns(items, turn_bytes) {
+        spool.ack(&receipts(turn)).await?;
+    }
     summary.payloads_delivered += items.len() as u64;
     let events: u64 = items
         .iter()
@@ -290,9 +325,9 @@ async fn settle_failed(
     items: &[Leased],
     error: &DispatchError,
     max_retry_delay: Duration,
+    turn_bytes: usize,
     summary: &mut ForwardSummary,
 ) -> Result<(), SpoolError> {
-    let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
     let attempts = items.iter().map(|l| l.attempts).max().unwrap_or(0);
     let delay = failure_delay(error, attempts, max_retry_delay);
     match error {
@@ -307,7 +342,9 @@ async fn settle_failed(
             metrics::counter!("tributary_upstream_retries_total").increment(1);
         }
     }
-    spool.release(&receipts, delay).await?;
+    for turn in turns(items, turn_bytes) {
+        spool.release(&receipts(turn), delay).await?;
+    }
     summary.payloads_retried += items.len() as u64;
     Ok(())
 }

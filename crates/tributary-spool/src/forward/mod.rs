@@ -36,7 +36,7 @@ mod suspects;
 mod upstream;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,38 @@ pub struct ForwarderConfig {
     pub isolation_budget: usize,
     /// How long what isolation did not finish waits before the next try.
     pub suspect_delay: Duration,
+    /// Most payload bytes one spool command leases, acknowledges or releases (a payload
+    /// larger than this still goes alone). The SQLite spool runs one command at a time on
+    /// its writer thread, ingest's appends included, so this bounds how long an append
+    /// waits behind forwarding: after an outage a cycle leases its whole window
+    /// ([`ForwarderConfig::max_batch_bytes`] times [`ForwarderConfig::concurrency`]) in
+    /// turns of this size, and settles each batch in turns too. See
+    /// [`ForwarderConfig::check`] for the bounds.
+    pub turn_bytes: usize,
+}
+
+/// The smallest [`ForwarderConfig::turn_bytes`]: below it a turn's fixed cost (a
+/// transaction, an fsync) outweighs the bytes it moves.
+pub const MIN_TURN_BYTES: usize = 64 * 1024;
+
+/// The default [`ForwarderConfig::turn_bytes`]: 1 MiB.
+pub const DEFAULT_TURN_BYTES: usize = 1 << 20;
+
+/// A [`ForwarderConfig`] that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ForwarderConfigError {
+    /// `turn_bytes` out of bounds.
+    #[error(
+        "forwarder turn_bytes {got} is out of bounds: at least {min} and at most max_batch_bytes ({max})"
+    )]
+    TurnBytes {
+        /// What was asked for.
+        got: usize,
+        /// [`MIN_TURN_BYTES`].
+        min: usize,
+        /// The configured `max_batch_bytes`.
+        max: usize,
+    },
 }
 
 impl Default for ForwarderConfig {
@@ -101,11 +133,27 @@ impl Default for ForwarderConfig {
             lease_for: Duration::from_secs(60),
             isolation_budget: 1000,
             suspect_delay: Duration::from_secs(1),
+            turn_bytes: DEFAULT_TURN_BYTES,
         }
     }
 }
 
 impl ForwarderConfig {
+    /// Checks the settings this module adds bounds to: `turn_bytes` from
+    /// [`MIN_TURN_BYTES`] to `max_batch_bytes` (a larger turn would be a whole batch, as
+    /// before turns; a `max_batch_bytes` below the minimum allows a turn of that size).
+    pub fn check(&self) -> Result<(), ForwarderConfigError> {
+        let min = MIN_TURN_BYTES.min(self.max_batch_bytes);
+        if self.turn_bytes < min || self.turn_bytes > self.max_batch_bytes.max(min) {
+            return Err(ForwarderConfigError::TurnBytes {
+                got: self.turn_bytes,
+                min: MIN_TURN_BYTES,
+                max: self.max_batch_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Most bytes leased at once: enough to fill every concurrent request.
     fn window_bytes(&self) -> usize {
         self.max_batch_bytes.saturating_mul(self.concurrency)
@@ -159,6 +207,11 @@ pub struct Forwarder {
     /// Receipts leased and not yet settled: released at once when forwarding stops.
     in_flight: Arc<Mutex<HashSet<Receipt>>>,
     suspects: Arc<Suspects>,
+    /// The last cycle delivered nothing and had to put payloads back (the upstream is
+    /// gone or failing): the next cycle probes with one turn instead of a whole window, and
+    /// does not follow at once, so an outage does not have the forwarder lease and release
+    /// the whole backlog over and over, each time in front of ingest's appends.
+    failing: AtomicBool,
 }
 
 /// The pause after `n` failed cycles in a row that could not read the spool: from 100 ms,
@@ -195,6 +248,7 @@ impl Forwarder {
             appended_bytes,
             in_flight: Arc::default(),
             suspects: Arc::new(Suspects::new(SUSPECTS_CAPACITY)),
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -225,7 +279,8 @@ impl Forwarder {
             match result {
                 Ok((summary, full)) => {
                     spool_errors = 0;
-                    if full || summary.requests > 0 && self.backlog() {
+                    let failing = self.failing.load(Ordering::Relaxed);
+                    if !failing && (full || summary.requests > 0 && self.backlog()) {
                         continue;
                     }
                 }
@@ -301,6 +356,70 @@ impl Forwarder {
         }
     }
 
+    /// Leases up to `window_payloads` and `window_bytes` (a whole window, or one turn while
+    /// probing a failing upstream) in turns of at most `turn_bytes`, so appends queued behind a turn wait for that turn
+    /// only, not for the whole window; the writer runs commands in the order they came.
+    /// Stops early once a turn comes back less than half full: the backlog is read. Every
+    /// leased receipt is in `in_flight` as soon as it is leased, so a stop releases it; if a
+    /// later turn fails, what the earlier turns leased is released at once.
+    async fn lease_window(
+        &self,
+        window_payloads: usize,
+        window_bytes: usize,
+    ) -> Result<Vec<crate::Leased>, SpoolError> {
+        let turn_bytes = self.config.turn_bytes.max(1);
+        let mut leased: Vec<crate::Leased> = Vec::new();
+        let mut leased_bytes = 0usize;
+        let mut turns = 0u64;
+        while leased.len() < window_payloads && leased_bytes < window_bytes {
+            let want_bytes = turn_bytes.min(window_bytes - leased_bytes);
+            let turn = match self
+                .spool
+                .lease(
+                    window_payloads - leased.len(),
+                    want_bytes,
+                    self.config.lease_for,
+                )
+                .await
+            {
+                Ok(turn) => turn,
+                Err(e) => {
+                    self.release_now(&leased).await;
+                    return Err(e);
+                }
+            };
+            turns += 1;
+            let bytes: usize = turn.iter().map(|l| l.payload.stored_len()).sum();
+            let short = bytes < want_bytes / 2;
+            lock(&self.in_flight).extend(turn.iter().map(|l| l.receipt.clone()));
+            leased_bytes += bytes;
+            leased.extend(turn);
+            if short {
+                break;
+            }
+        }
+        metrics::histogram!("tributary_forward_lease_turns").record(turns as f64);
+        Ok(leased)
+    }
+
+    /// Releases `leased` at once (a cycle that cannot go on); failure only logs, as the
+    /// leases run out anyway.
+    async fn release_now(&self, leased: &[crate::Leased]) {
+        if leased.is_empty() {
+            return;
+        }
+        let receipts: Vec<Receipt> = leased.iter().map(|l| l.receipt.clone()).collect();
+        {
+            let mut held = lock(&self.in_flight);
+            for r in &receipts {
+                held.remove(r);
+            }
+        }
+        if let Err(e) = self.spool.release(&receipts, Duration::ZERO).await {
+            tracing::warn!(error = %e, "could not release leases; they will expire");
+        }
+    }
+
     /// One lease-send-settle round. Returns what it did and whether the lease window was
     /// full (a backlog: go again at once).
     pub async fn cycle(&self) -> Result<(ForwardSummary, bool), SpoolError> {
@@ -309,14 +428,13 @@ impl Forwarder {
             .config
             .max_batch_events
             .saturating_mul(self.config.concurrency);
-        let leased = self
-            .spool
-            .lease(
-                window_payloads,
-                self.config.window_bytes(),
-                self.config.lease_for,
-            )
-            .await?;
+        let probing = self.failing.load(Ordering::Relaxed);
+        let (lease_payloads, lease_bytes) = if probing {
+            (self.config.max_batch_events, self.config.turn_bytes)
+        } else {
+            (window_payloads, self.config.window_bytes())
+        };
+        let leased = self.lease_window(lease_payloads, lease_bytes).await?;
         let mut summary = ForwardSummary {
             leased: leased.len() as u64,
             ..Default::default()
@@ -325,10 +443,8 @@ impl Forwarder {
             return Ok((summary, false));
         }
         let leased_bytes: usize = leased.iter().map(|l| l.payload.stored_len()).sum();
-        let full =
-            leased.len() >= window_payloads || leased_bytes >= self.config.window_bytes() / 2;
+        let full = leased.len() >= lease_payloads || leased_bytes >= lease_bytes / 2;
 
-        lock(&self.in_flight).extend(leased.iter().map(|l| l.receipt.clone()));
         let batches = pack(leased, &self.config, &self.suspects);
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let budget = Arc::new(IsolationBudget::new(self.config.isolation_budget));
@@ -343,6 +459,7 @@ impl Forwarder {
                 budget: budget.clone(),
                 max_retry_delay: self.config.max_retry_delay,
                 suspect_delay: self.config.suspect_delay,
+                turn_bytes: self.config.turn_bytes,
             };
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
@@ -366,6 +483,19 @@ impl Forwarder {
         if budget.left() == 0 && self.config.isolation_budget > 0 {
             metrics::counter!("tributary_isolation_budget_exhausted_total").increment(1);
         }
+        let failing = summary.events_delivered == 0 && summary.payloads_retried > 0;
+        if failing != probing {
+            tracing::debug!(
+                failing,
+                "forwarder {}",
+                if failing {
+                    "probing a failing upstream with one turn per cycle"
+                } else {
+                    "delivering again: whole windows"
+                }
+            );
+        }
+        self.failing.store(failing, Ordering::Relaxed);
         Ok((summary, full))
     }
 }
