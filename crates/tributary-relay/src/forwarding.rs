@@ -42,13 +42,11 @@ pub fn forwarder(
     wake: Arc<Notify>,
     appended: Arc<AtomicUsize>,
 ) -> anyhow::Result<Forwarder> {
-    let forwarder_config = config.forwarder_config();
-    forwarder_config.check()?;
     let upstreams = Arc::new(Upstreams::new(&config.upstream_config())?);
     Ok(Forwarder::new(
         spool,
         upstreams,
-        forwarder_config,
+        config.forwarder_config(),
         wake,
         appended,
     ))

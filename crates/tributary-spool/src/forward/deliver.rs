@@ -406,4 +406,43 @@ mod tests {
         };
         assert_eq!(failure_delay(&refused, 0, cap), cap);
     }
+
+    fn leased(id: usize, bytes: usize) -> Leased {
+        Leased {
+            receipt: Receipt(format!("{id}:1")),
+            payload: Payload {
+                route: crate::Route::US,
+                header: Bytes::new(),
+                visitors: Bytes::from(vec![b' '; bytes]),
+                visitor_count: 1,
+            },
+            attempts: 0,
+            appended_at_ms: 0,
+        }
+    }
+
+    fn sizes(runs: &[&[Leased]]) -> Vec<Vec<usize>> {
+        runs.iter()
+            .map(|r| r.iter().map(|l| l.payload.stored_len()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn turns_keep_the_order_cut_at_the_bound_and_give_a_large_payload_its_own_turn() {
+        let items: Vec<Leased> = [400, 500, 200, 2000, 100, 100]
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| leased(i, b))
+            .collect();
+        let runs = turns(&items, 1000);
+        assert_eq!(
+            sizes(&runs),
+            vec![vec![400, 500], vec![200], vec![2000], vec![100, 100]]
+        );
+        assert_eq!(
+            sizes(&turns(&items, usize::MAX)),
+            vec![vec![400, 500, 200, 2000, 100, 100]]
+        );
+        assert!(turns(&[], 1000).is_empty());
+    }
 }

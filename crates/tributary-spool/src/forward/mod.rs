@@ -85,29 +85,22 @@ pub struct ForwarderConfig {
     pub isolation_budget: usize,
     /// How long what isolation did not finish waits before the next try.
     pub suspect_delay: Duration,
-    /// Most payload bytes one spool command leases, acknowledges or releases (a payload
-    /// larger than this still goes alone). The SQLite spool runs one command at a time on
-    /// its writer thread, ingest's appends included, so this bounds how long an append
-    /// waits behind forwarding: after an outage a cycle leases its whole window
-    /// ([`ForwarderConfig::max_batch_bytes`] times [`ForwarderConfig::concurrency`]) in
-    /// turns of this size, and settles each batch in turns too. See
-    /// [`ForwarderConfig::check`] for the bounds.
-    pub turn_bytes: usize,
 }
 
-/// The smallest [`ForwarderConfig::turn_bytes`]: below it a turn's fixed cost (a
+/// The smallest [`Forwarder::with_turn_bytes`]: below it a turn's fixed cost (a
 /// transaction, an fsync) outweighs the bytes it moves.
 pub const MIN_TURN_BYTES: usize = 64 * 1024;
 
-/// The default [`ForwarderConfig::turn_bytes`]: 1 MiB.
+/// The default turn ([`Forwarder::with_turn_bytes`]): 1 MiB, or `max_batch_bytes` when that
+/// is smaller.
 pub const DEFAULT_TURN_BYTES: usize = 1 << 20;
 
-/// A [`ForwarderConfig`] that cannot work.
+/// A forwarder setting that cannot work.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ForwarderConfigError {
     /// `turn_bytes` out of bounds.
     #[error(
-        "forwarder turn_bytes {got} is out of bounds: at least {min} and at most max_batch_bytes ({max})"
+        "forwarder turn bytes {got} is out of bounds: at least {min} and at most max_batch_bytes ({max})"
     )]
     TurnBytes {
         /// What was asked for.
@@ -133,27 +126,11 @@ impl Default for ForwarderConfig {
             lease_for: Duration::from_secs(60),
             isolation_budget: 1000,
             suspect_delay: Duration::from_secs(1),
-            turn_bytes: DEFAULT_TURN_BYTES,
         }
     }
 }
 
 impl ForwarderConfig {
-    /// Checks the settings this module adds bounds to: `turn_bytes` from
-    /// [`MIN_TURN_BYTES`] to `max_batch_bytes` (a larger turn would be a whole batch, as
-    /// before turns; a `max_batch_bytes` below the minimum allows a turn of that size).
-    pub fn check(&self) -> Result<(), ForwarderConfigError> {
-        let min = MIN_TURN_BYTES.min(self.max_batch_bytes);
-        if self.turn_bytes < min || self.turn_bytes > self.max_batch_bytes.max(min) {
-            return Err(ForwarderConfigError::TurnBytes {
-                got: self.turn_bytes,
-                min: MIN_TURN_BYTES,
-                max: self.max_batch_bytes,
-            });
-        }
-        Ok(())
-    }
-
     /// Most bytes leased at once: enough to fill every concurrent request.
     fn window_bytes(&self) -> usize {
         self.max_batch_bytes.saturating_mul(self.concurrency)
@@ -212,6 +189,28 @@ pub struct Forwarder {
     /// does not follow at once, so an outage does not have the forwarder lease and release
     /// the whole backlog over and over, each time in front of ingest's appends.
     failing: AtomicBool,
+    /// Most payload bytes one spool command leases, acknowledges or releases (a payload
+    /// larger than this still goes alone). The SQLite spool runs one command at a time on
+    /// its writer thread, ingest's appends included, so this bounds how long an append
+    /// waits behind forwarding: after an outage a cycle leases its whole window
+    /// (`max_batch_bytes` times `concurrency`) in turns of this size, and settles each
+    /// batch in turns too.
+    turn_bytes: usize,
+}
+
+/// `turn_bytes` if it is within the bounds of [`Forwarder::with_turn_bytes`].
+fn check_turn_bytes(
+    turn_bytes: usize,
+    max_batch_bytes: usize,
+) -> Result<usize, ForwarderConfigError> {
+    if turn_bytes < MIN_TURN_BYTES.min(max_batch_bytes) || turn_bytes > max_batch_bytes {
+        return Err(ForwarderConfigError::TurnBytes {
+            got: turn_bytes,
+            min: MIN_TURN_BYTES,
+            max: max_batch_bytes,
+        });
+    }
+    Ok(turn_bytes)
 }
 
 /// The pause after `n` failed cycles in a row that could not read the spool: from 100 ms,
@@ -240,6 +239,7 @@ impl Forwarder {
         wake: Arc<Notify>,
         appended_bytes: Arc<AtomicUsize>,
     ) -> Self {
+        let config_max_batch_bytes = config.max_batch_bytes;
         Forwarder {
             spool,
             upstreams,
@@ -249,7 +249,16 @@ impl Forwarder {
             in_flight: Arc::default(),
             suspects: Arc::new(Suspects::new(SUSPECTS_CAPACITY)),
             failing: AtomicBool::new(false),
+            turn_bytes: DEFAULT_TURN_BYTES.min(config_max_batch_bytes),
         }
+    }
+
+    /// The same forwarder moving at most `turn_bytes` payload bytes per spool command
+    /// (default [`DEFAULT_TURN_BYTES`]): from [`MIN_TURN_BYTES`] (or `max_batch_bytes` if
+    /// that is smaller) to `max_batch_bytes`; a larger turn would be a whole batch or more.
+    pub fn with_turn_bytes(mut self, turn_bytes: usize) -> Result<Self, ForwarderConfigError> {
+        self.turn_bytes = check_turn_bytes(turn_bytes, self.config.max_batch_bytes)?;
+        Ok(self)
     }
 
     /// How the upstreams have been answering (for a status page).
@@ -357,8 +366,8 @@ impl Forwarder {
     }
 
     /// Leases up to `window_payloads` and `window_bytes` (a whole window, or one turn while
-    /// probing a failing upstream) in turns of at most `turn_bytes`, so appends queued behind a turn wait for that turn
-    /// only, not for the whole window; the writer runs commands in the order they came.
+    /// probing a failing upstream) in turns of at most `turn_bytes`, so appends queued
+    /// behind a turn wait for that turn only, not for the whole window; the writer runs commands in the order they came.
     /// Stops early once a turn comes back less than half full: the backlog is read. Every
     /// leased receipt is in `in_flight` as soon as it is leased, so a stop releases it; if a
     /// later turn fails, what the earlier turns leased is released at once.
@@ -367,7 +376,7 @@ impl Forwarder {
         window_payloads: usize,
         window_bytes: usize,
     ) -> Result<Vec<crate::Leased>, SpoolError> {
-        let turn_bytes = self.config.turn_bytes.max(1);
+        let turn_bytes = self.turn_bytes.max(1);
         let mut leased: Vec<crate::Leased> = Vec::new();
         let mut leased_bytes = 0usize;
         let mut turns = 0u64;
@@ -398,7 +407,14 @@ impl Forwarder {
                 break;
             }
         }
-        metrics::histogram!("tributary_forward_lease_turns").record(turns as f64);
+        if turns > 1 {
+            tracing::debug!(
+                turns,
+                payloads = leased.len(),
+                bytes = leased_bytes,
+                "window leased in turns"
+            );
+        }
         Ok(leased)
     }
 
@@ -430,7 +446,7 @@ impl Forwarder {
             .saturating_mul(self.config.concurrency);
         let probing = self.failing.load(Ordering::Relaxed);
         let (lease_payloads, lease_bytes) = if probing {
-            (self.config.max_batch_events, self.config.turn_bytes)
+            (self.config.max_batch_events, self.turn_bytes)
         } else {
             (window_payloads, self.config.window_bytes())
         };
@@ -459,7 +475,7 @@ impl Forwarder {
                 budget: budget.clone(),
                 max_retry_delay: self.config.max_retry_delay,
                 suspect_delay: self.config.suspect_delay,
-                turn_bytes: self.config.turn_bytes,
+                turn_bytes: self.turn_bytes,
             };
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
@@ -497,5 +513,25 @@ impl Forwarder {
         }
         self.failing.store(failing, Ordering::Relaxed);
         Ok((summary, full))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn turn_bytes_is_checked_against_its_bounds() {
+        let max = tributary::MAX_PAYLOAD_BYTES;
+        assert_eq!(check_turn_bytes(MIN_TURN_BYTES, max), Ok(MIN_TURN_BYTES));
+        assert_eq!(check_turn_bytes(max, max), Ok(max));
+        for bad in [0, MIN_TURN_BYTES - 1, max + 1] {
+            let err = check_turn_bytes(bad, max).unwrap_err();
+            assert!(err.to_string().contains("turn bytes"), "{err}");
+        }
+        // A batch limit below the minimum turn allows a turn of the batch's size.
+        assert_eq!(check_turn_bytes(4096, 4096), Ok(4096));
+        assert!(DEFAULT_TURN_BYTES.min(max) >= MIN_TURN_BYTES);
     }
 }
