@@ -20,7 +20,7 @@ pub(super) struct Delivery {
     pub(super) budget: Arc<IsolationBudget>,
     pub(super) max_retry_delay: Duration,
     pub(super) suspect_delay: Duration,
-    /// Most payload bytes per ack or release command ([`super::ForwarderConfig::turn_bytes`]).
+    /// Most payload bytes per ack or release command ([`super::Forwarder::with_turn_bytes`]).
     pub(super) turn_bytes: usize,
 }
 
@@ -380,6 +380,7 @@ fn held_retry_policy(max_retry_delay: Duration) -> RetryPolicy {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -444,5 +445,75 @@ mod tests {
             vec![vec![400, 500, 200, 2000, 100, 100]]
         );
         assert!(turns(&[], 1000).is_empty());
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn acks_and_releases_go_in_turns_and_turns_off_is_one_command() {
+        use super::super::counting::{Call, CountingSpool, payload};
+        let spool = CountingSpool::open(None);
+        spool
+            .append((0..6).map(|_| payload(40 * 1024)).collect())
+            .await
+            .unwrap();
+        let items = spool
+            .lease(usize::MAX, usize::MAX, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (first, second) = items.split_at(3);
+        let mut summary = ForwardSummary::default();
+        // 64 KiB turns hold one 40 KiB payload each.
+        settle_delivered(&spool, first, 64 * 1024, &mut summary)
+            .await
+            .unwrap();
+        let transient = DispatchError::Transient {
+            message: "503".into(),
+            retry_after: None,
+        };
+        let cap = Duration::from_secs(1);
+        settle_failed(&spool, second, &transient, cap, 64 * 1024, &mut summary)
+            .await
+            .unwrap();
+        let settles: Vec<Call> = spool.calls().into_iter().skip(1).collect();
+        let mut want = vec![Call::Ack(1); 3];
+        want.extend(vec![Call::Release(1); 3]);
+        assert_eq!(settles, want);
+        assert_eq!(summary.payloads_delivered, 3);
+        assert_eq!(summary.payloads_retried, 3);
+
+        // Turns off: the whole batch in one command.
+        let again = wait_visible(&spool, 3).await;
+        settle_failed(&spool, &again, &transient, cap, usize::MAX, &mut summary)
+            .await
+            .unwrap();
+        assert_eq!(spool.calls().last(), Some(&Call::Release(3)));
+        let again = wait_visible(&spool, 3).await;
+        settle_delivered(&spool, &again, usize::MAX, &mut summary)
+            .await
+            .unwrap();
+        assert_eq!(spool.calls().last(), Some(&Call::Ack(3)));
+    }
+
+    /// Leases until `n` payloads are back (a release has a short delay), bounded.
+    #[cfg(feature = "sqlite")]
+    async fn wait_visible(spool: &dyn Spool, n: usize) -> Vec<Leased> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while got.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "payloads never came back"
+            );
+            got.extend(
+                spool
+                    .lease(n - got.len(), usize::MAX, Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+            );
+            if got.len() < n {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        got
     }
 }
