@@ -92,6 +92,12 @@ print(json.dumps({"run": name, "overall": load, "p99_ms": load["p99_ms"],
 PY
   kill "$relay_pid" "$sink_pid" 2>/dev/null || true
   wait "$relay_pid" "$sink_pid" 2>/dev/null || true
+  # This run's processes are gone: the trap must not kill their ids, reused by then.
+  local keep=() p
+  for p in "${pids[@]}"; do
+    case " $sink_pid $relay_pid $load_pid " in *" $p "*) ;; *) keep+=("$p") ;; esac
+  done
+  pids=("${keep[@]}")
   local warnings
   warnings=$(grep -c "upstream delivery failed" "$work/$name.relay.log" || true)
   echo "{\"run\":\"$name\",\"relay_retry_warnings\":$warnings}"

@@ -477,8 +477,21 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         let mut server = tokio::spawn(serve_sink(listener, addr, state.clone(), schedule));
         let result = match args.expect_events {
             Some(n) => {
+                // The server task is watched too: if it ends (a re-bind after an outage
+                // failed), the events can never arrive and waiting would hang.
                 while state.events.load(Ordering::Relaxed) < n {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                        done = &mut server => {
+                            return match done {
+                                Ok(Err(e)) => Err(e),
+                                Ok(Ok(())) => Err(anyhow::anyhow!(
+                                    "the sink stopped serving before {n} events arrived"
+                                )),
+                                Err(e) => Err(anyhow::anyhow!("the sink's server task: {e}")),
+                            };
+                        }
+                    }
                 }
                 let secs = state
                     .first_at
