@@ -55,6 +55,7 @@ pub fn run(args: DrainArgs) -> anyhow::Result<ExitCode> {
             spool.clone(),
             Arc::new(Notify::new()),
             Arc::new(AtomicUsize::new(0)),
+            crate::forwarding::Beside::Nothing,
         )?;
         if args.once {
             let deadline = Instant::now() + args.max_time.0;

@@ -174,6 +174,7 @@ async fn scheduled(config: RelayConfig, margin: Duration) -> anyhow::Result<()> 
         tracked.clone(),
         Arc::new(Notify::new()),
         Arc::new(AtomicUsize::new(0)),
+        crate::forwarding::Beside::Nothing,
     )?);
     tracing::info!(spool = %config.spool, "tributary lambda (scheduled) ready");
     let handler = service_fn(move |event: LambdaEvent<serde_json::Value>| {

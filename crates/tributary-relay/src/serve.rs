@@ -140,6 +140,7 @@ impl Relay {
             spool.clone(),
             wake.clone(),
             appended.clone(),
+            crate::forwarding::Beside::Ingest,
         ) {
             Ok(f) => Arc::new(f),
             Err(e) => {

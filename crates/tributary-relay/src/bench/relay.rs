@@ -43,6 +43,10 @@ pub struct RelayLoadArgs {
     /// real traffic.
     #[arg(long)]
     pub fresh_uuids: bool,
+    /// Also report p50/p99/max and errors for each window this long (by when each request
+    /// was due or sent), so a slow stretch shows where it happened; 0: the whole run only.
+    #[arg(long, default_value = "0s")]
+    pub window: HumanDuration,
 }
 
 /// `tributary bench sink` flags.
@@ -63,6 +67,48 @@ pub struct SinkArgs {
     /// request waits on its own; requests do not queue behind each other).
     #[arg(long, default_value = "0s")]
     pub latency: HumanDuration,
+    /// Take the sink away on a schedule: every this long (counted from the start), stop
+    /// listening for `--outage-for`, so connections are refused, then listen on the same
+    /// address again. Needs `--outage-for`.
+    #[arg(long, requires = "outage_for")]
+    pub outage_every: Option<HumanDuration>,
+    /// How long each outage lasts; shorter than `--outage-every`.
+    #[arg(long, requires = "outage_every")]
+    pub outage_for: Option<HumanDuration>,
+}
+
+/// When the sink is gone: `gone_for` at the end of every `every`, the first outage
+/// starting `every - gone_for` after start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutageSchedule {
+    every: Duration,
+    gone_for: Duration,
+}
+
+impl OutageSchedule {
+    /// The schedule the flags ask for, or an error naming the flag that is wrong.
+    pub(crate) fn from_args(args: &SinkArgs) -> anyhow::Result<Option<OutageSchedule>> {
+        let (every, gone_for) = match (args.outage_every, args.outage_for) {
+            (None, None) => return Ok(None),
+            (Some(e), Some(f)) => (e.0, f.0),
+            (Some(_), None) => anyhow::bail!("--outage-every needs --outage-for"),
+            (None, Some(_)) => anyhow::bail!("--outage-for needs --outage-every"),
+        };
+        anyhow::ensure!(!every.is_zero(), "--outage-every must be more than 0");
+        anyhow::ensure!(!gone_for.is_zero(), "--outage-for must be more than 0");
+        anyhow::ensure!(
+            gone_for < every,
+            "--outage-for ({}) must be shorter than --outage-every ({})",
+            humantime::format_duration(gone_for),
+            humantime::format_duration(every)
+        );
+        Ok(Some(OutageSchedule { every, gone_for }))
+    }
+
+    /// How long the sink is up before each outage.
+    fn up_for(&self) -> Duration {
+        self.every - self.gone_for
+    }
 }
 
 /// A realistic payload: the shape the Python SDK sends for a conversion, `n` visitors.
@@ -126,6 +172,18 @@ pub fn run_load(args: RelayLoadArgs) -> anyhow::Result<ExitCode> {
             report.p99_ms,
             report.max_ms
         );
+        if !report.windows.is_empty() {
+            println!(
+                "{:>8} {:>10} {:>10} {:>9} {:>9} {:>9}",
+                "at s", "requests", "errors", "p50 ms", "p99 ms", "max ms"
+            );
+            for w in &report.windows {
+                println!(
+                    "{:>8.1} {:>10} {:>10} {:>9.3} {:>9.3} {:>9.3}",
+                    w.at_s, w.requests, w.errors, w.p50_ms, w.p99_ms, w.max_ms
+                );
+            }
+        }
     }
     Ok(if report.errors == 0 {
         ExitCode::SUCCESS
@@ -155,6 +213,68 @@ pub struct LoadReport {
     pub p999_ms: f64,
     /// Slowest.
     pub max_ms: f64,
+    /// Per `--window`, in order (absent without `--window`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<WindowReport>,
+}
+
+/// One `--window` of a load run.
+#[derive(Debug, serde::Serialize)]
+pub struct WindowReport {
+    /// Start of the window, seconds from the start of the run.
+    pub at_s: f64,
+    /// Requests answered 2xx that were due in this window.
+    pub requests: u64,
+    /// Requests due in this window that failed or were answered otherwise.
+    pub errors: u64,
+    /// Latency percentiles of the 2xx requests, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+}
+
+/// The `p` percentile of sorted nanoseconds, in milliseconds (0 when empty).
+fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx] as f64 / 1e6
+}
+
+/// Groups (offset from start, latency or `None` for an error) into windows of `window`.
+fn windows(samples: &[(u64, Option<u64>)], window: Duration) -> Vec<WindowReport> {
+    let width = window.as_nanos().max(1) as u64;
+    let Some(last) = samples.iter().map(|&(at, _)| at / width).max() else {
+        return Vec::new();
+    };
+    let mut latencies: Vec<Vec<u64>> = (0..=last).map(|_| Vec::new()).collect();
+    let mut errors = vec![0u64; latencies.len()];
+    for &(at, latency) in samples {
+        let w = (at / width) as usize;
+        match latency {
+            Some(l) => latencies[w].push(l),
+            None => errors[w] += 1,
+        }
+    }
+    latencies
+        .into_iter()
+        .zip(errors)
+        .enumerate()
+        .map(|(i, (mut l, errors))| {
+            l.sort_unstable();
+            WindowReport {
+                at_s: (i as u64 * width) as f64 / 1e9,
+                requests: l.len() as u64,
+                errors,
+                p50_ms: percentile_ms(&l, 0.50),
+                p99_ms: percentile_ms(&l, 0.99),
+                max_ms: l.last().map_or(0.0, |&n| n as f64 / 1e6),
+            }
+        })
+        .collect()
 }
 
 async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
@@ -172,6 +292,7 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
     // Fresh bodies are numbered past the prepared ones, so no uuid repeats.
     let next_fresh = Arc::new(AtomicU64::new(256));
     let fresh = args.fresh_uuids;
+    let windowed = !args.window.0.is_zero();
     let events_per_payload = args.events_per_payload;
     let started = Instant::now();
     let until = started + args.duration.0;
@@ -186,6 +307,8 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
         let next_fresh = next_fresh.clone();
         tasks.spawn(async move {
             let mut latencies = Vec::with_capacity(1 << 16);
+            // (due or sent, from the start; latency or None): only kept with --window.
+            let mut samples: Vec<(u64, Option<u64>)> = Vec::new();
             let mut due = Instant::now();
             let mut i = conn;
             while Instant::now() < until {
@@ -210,31 +333,33 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
                     Ok(r) => r.status().is_success(),
                     Err(_) => false,
                 };
+                let latency = sent.elapsed().as_nanos() as u64;
                 if ok {
-                    latencies.push(sent.elapsed().as_nanos() as u64);
+                    latencies.push(latency);
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if windowed {
+                    let at = sent.saturating_duration_since(started).as_nanos() as u64;
+                    samples.push((at, ok.then_some(latency)));
                 }
                 if let Some(step) = per_conn_interval {
                     due += step;
                 }
             }
-            latencies
+            (latencies, samples)
         });
     }
     let mut all = Vec::new();
+    let mut samples = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        all.extend(r?);
+        let (latencies, s) = r?;
+        all.extend(latencies);
+        samples.extend(s);
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
-        }
-        let idx = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
-        all[idx] as f64 / 1e6
-    };
+    let pct = |p: f64| percentile_ms(&all, p);
     let requests = all.len() as u64;
     Ok(LoadReport {
         requests,
@@ -246,6 +371,11 @@ async fn load(args: &RelayLoadArgs) -> anyhow::Result<LoadReport> {
         p99_ms: pct(0.99),
         p999_ms: pct(0.999),
         max_ms: all.last().map_or(0.0, |&n| n as f64 / 1e6),
+        windows: if windowed {
+            windows(&samples, args.window.0)
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -258,6 +388,7 @@ struct SinkState {
     refuse_one_in: u64,
     latency: Duration,
     first_at: std::sync::OnceLock<Instant>,
+    outages: AtomicU64,
 }
 
 impl SinkState {
@@ -265,6 +396,7 @@ impl SinkState {
         axum::Router::new()
             .route("/v1/events", post(sink))
             .route("/eu/v1/events", post(sink))
+            .route("/counts", axum::routing::get(counts))
             // axum's default 2 MB limit is below the Event API's 3.5 MB.
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state)
@@ -326,8 +458,10 @@ impl Drop for LoopbackSink {
     }
 }
 
-/// Runs the bare sink until `--expect-events` arrive, or forever.
+/// Runs the bare sink until `--expect-events` arrive, or forever; with an outage schedule,
+/// it stops listening and comes back on that schedule.
 pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
+    let schedule = OutageSchedule::from_args(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -337,14 +471,27 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
             latency: args.latency.0,
             ..SinkState::default()
         });
-        let app = SinkState::router(state.clone());
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        eprintln!("sink listening on {}", listener.local_addr()?);
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        match args.expect_events {
+        let addr = listener.local_addr()?;
+        eprintln!("sink listening on {addr}");
+        let mut server = tokio::spawn(serve_sink(listener, addr, state.clone(), schedule));
+        let result = match args.expect_events {
             Some(n) => {
+                // The server task is watched too: if it ends (a re-bind after an outage
+                // failed), the events can never arrive and waiting would hang.
                 while state.events.load(Ordering::Relaxed) < n {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                        done = &mut server => {
+                            return match done {
+                                Ok(Err(e)) => Err(e),
+                                Ok(Ok(())) => Err(anyhow::anyhow!(
+                                    "the sink stopped serving before {n} events arrived"
+                                )),
+                                Err(e) => Err(anyhow::anyhow!("the sink's server task: {e}")),
+                            };
+                        }
+                    }
                 }
                 let secs = state
                     .first_at
@@ -357,19 +504,102 @@ pub fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
                         "events": events,
                         "requests": state.requests.load(Ordering::Relaxed),
                         "refused_requests": state.refused.load(Ordering::Relaxed),
+                        "outages": state.outages.load(Ordering::Relaxed),
                         "seconds": secs,
                         "events_per_sec": events as f64 / secs.max(1e-9),
                     })
                 );
-                server.abort();
+                Ok(ExitCode::SUCCESS)
             }
             None => {
-                crate::signal::shutdown_signal().await;
-                server.abort();
+                tokio::select! {
+                    () = crate::signal::shutdown_signal() => Ok(ExitCode::SUCCESS),
+                    done = &mut server => match done {
+                        Ok(Err(e)) => Err(e),
+                        _ => Ok(ExitCode::SUCCESS),
+                    },
+                }
+            }
+        };
+        server.abort();
+        result
+    })
+}
+
+/// Serves on `listener`; with a schedule, drops the listener at each outage (new
+/// connections are refused; open ones finish their request and close, so a client's pool
+/// cannot keep using them) and binds `addr` again when it ends. Closing the listener is
+/// what an upstream that is gone looks like to the relay; answering 503 would not test
+/// connection errors. Re-binding the same port works on Linux because tokio sets
+/// `SO_REUSEADDR`, and nothing else is expected to take a port a benchmark chose; if the
+/// bind fails it is retried every 10 ms for a second, then the sink gives up with an error.
+async fn serve_sink(
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    state: Arc<SinkState>,
+    schedule: Option<OutageSchedule>,
+) -> anyhow::Result<()> {
+    let app = SinkState::router(state.clone());
+    let Some(schedule) = schedule else {
+        axum::serve(listener, app).await?;
+        return Ok(());
+    };
+    let started = tokio::time::Instant::now();
+    let mut listener = Some(listener);
+    for n in 1u32.. {
+        let listener = match listener.take() {
+            Some(l) => l,
+            None => rebind(addr).await?,
+        };
+        let outage_at = started + schedule.every * (n - 1) + schedule.up_for();
+        let (down_tx, down_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(
+            axum::serve(listener, app.clone())
+                .with_graceful_shutdown(async {
+                    let _ = down_rx.await;
+                })
+                .into_future(),
+        );
+        tokio::time::sleep_until(outage_at).await;
+        let _ = down_tx.send(());
+        state.outages.fetch_add(1, Ordering::Relaxed);
+        eprintln!("sink gone (outage {n})");
+        tokio::time::sleep_until(outage_at + schedule.gone_for).await;
+        // A connection still finishing a slow request keeps its task until it is done;
+        // that is the server's business, not the schedule's.
+        drop(serving);
+        eprintln!("sink back on {addr}");
+    }
+    Ok(())
+}
+
+async fn rebind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let mut tries = 0;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if tries < 100 => {
+                tries += 1;
+                tracing::debug!(error = %e, "sink cannot listen again yet");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::anyhow!(e).context(format!("sink cannot listen on {addr} again"))
+                );
             }
         }
-        Ok(ExitCode::SUCCESS)
-    })
+    }
+}
+
+/// `GET /counts`: what the sink received so far, as JSON.
+async fn counts(State(state): State<Arc<SinkState>>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "events": state.events.load(Ordering::Relaxed),
+        "requests": state.requests.load(Ordering::Relaxed),
+        "refused_requests": state.refused.load(Ordering::Relaxed),
+        "outages": state.outages.load(Ordering::Relaxed),
+    }))
 }
 
 /// Answers 204 (or 400 for a request holding a bad event, with `--refuse-one-in`), after

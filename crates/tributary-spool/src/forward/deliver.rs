@@ -20,6 +20,8 @@ pub(super) struct Delivery {
     pub(super) budget: Arc<IsolationBudget>,
     pub(super) max_retry_delay: Duration,
     pub(super) suspect_delay: Duration,
+    /// Most payload bytes per ack or release command ([`super::Forwarder::with_turn_bytes`]).
+    pub(super) turn_bytes: usize,
 }
 
 /// What happened to one visitor of an isolated batch.
@@ -48,7 +50,7 @@ impl Delivery {
         metrics::histogram!("tributary_upstream_batch_bytes").record(body.len() as f64);
         match self.upstreams.send(&batch.route, body).await {
             Ok(()) => {
-                settle_delivered(&*self.spool, &batch.items, &mut summary).await?;
+                settle_delivered(&*self.spool, &batch.items, self.turn_bytes, &mut summary).await?;
             }
             Err(DispatchError::Permanent { status, message }) if is_content_rejection(status) => {
                 self.isolate(batch, (status, message), &mut summary).await?;
@@ -59,6 +61,7 @@ impl Delivery {
                     &batch.items,
                     &error,
                     self.max_retry_delay,
+                    self.turn_bytes,
                     &mut summary,
                 )
                 .await?;
@@ -194,7 +197,7 @@ impl Delivery {
                 "visitors refused upstream were isolated; each refused alone is now a dead letter"
             );
         }
-        settle_delivered(&*self.spool, &acked, summary).await?;
+        settle_delivered(&*self.spool, &acked, self.turn_bytes, summary).await?;
         if !parts.is_empty() {
             self.spool.settle_parts(parts).await?;
         }
@@ -213,18 +216,22 @@ impl Delivery {
                         &items,
                         &u.error,
                         self.max_retry_delay,
+                        self.turn_bytes,
                         summary,
                     )
                     .await?;
                 }
                 None => {
-                    let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
                     summary.events_unresolved += items
                         .iter()
                         .map(|l| u64::from(l.payload.visitor_count))
                         .sum::<u64>();
                     summary.payloads_retried += items.len() as u64;
-                    self.spool.release(&receipts, self.suspect_delay).await?;
+                    for turn in turns(&items, self.turn_bytes) {
+                        self.spool
+                            .release(&receipts(turn), self.suspect_delay)
+                            .await?;
+                    }
                 }
             }
         }
@@ -268,13 +275,41 @@ fn one_visitor(of: &Payload, visitor: &Bytes) -> Payload {
     }
 }
 
+/// `items` cut, in order, into runs of at most `turn_bytes` stored bytes (a larger item is
+/// a run of its own), so that settling a 3.5 MB batch does not hold the spool's writer, and
+/// the appends queued behind it, for the whole batch at once.
+fn turns(items: &[Leased], turn_bytes: usize) -> Vec<&[Leased]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0usize;
+    for (i, l) in items.iter().enumerate() {
+        let len = l.payload.stored_len();
+        if i > start && bytes.saturating_add(len) > turn_bytes {
+            out.push(&items[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(len);
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+fn receipts(items: &[Leased]) -> Vec<Receipt> {
+    items.iter().map(|l| l.receipt.clone()).collect()
+}
+
 async fn settle_delivered(
     spool: &dyn Spool,
     items: &[Leased],
+    turn_bytes: usize,
     summary: &mut ForwardSummary,
 ) -> Result<(), SpoolError> {
-    let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
-    spool.ack(&receipts).await?;
+    for turn in turns(items, turn_bytes) {
+        spool.ack(&receipts(turn)).await?;
+    }
     summary.payloads_delivered += items.len() as u64;
     let events: u64 = items
         .iter()
@@ -290,9 +325,9 @@ async fn settle_failed(
     items: &[Leased],
     error: &DispatchError,
     max_retry_delay: Duration,
+    turn_bytes: usize,
     summary: &mut ForwardSummary,
 ) -> Result<(), SpoolError> {
-    let receipts: Vec<Receipt> = items.iter().map(|l| l.receipt.clone()).collect();
     let attempts = items.iter().map(|l| l.attempts).max().unwrap_or(0);
     let delay = failure_delay(error, attempts, max_retry_delay);
     match error {
@@ -307,7 +342,9 @@ async fn settle_failed(
             metrics::counter!("tributary_upstream_retries_total").increment(1);
         }
     }
-    spool.release(&receipts, delay).await?;
+    for turn in turns(items, turn_bytes) {
+        spool.release(&receipts(turn), delay).await?;
+    }
     summary.payloads_retried += items.len() as u64;
     Ok(())
 }
@@ -343,6 +380,7 @@ fn held_retry_policy(max_retry_delay: Duration) -> RetryPolicy {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -368,5 +406,114 @@ mod tests {
             message: String::new(),
         };
         assert_eq!(failure_delay(&refused, 0, cap), cap);
+    }
+
+    fn leased(id: usize, bytes: usize) -> Leased {
+        Leased {
+            receipt: Receipt(format!("{id}:1")),
+            payload: Payload {
+                route: crate::Route::US,
+                header: Bytes::new(),
+                visitors: Bytes::from(vec![b' '; bytes]),
+                visitor_count: 1,
+            },
+            attempts: 0,
+            appended_at_ms: 0,
+        }
+    }
+
+    fn sizes(runs: &[&[Leased]]) -> Vec<Vec<usize>> {
+        runs.iter()
+            .map(|r| r.iter().map(|l| l.payload.stored_len()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn turns_keep_the_order_cut_at_the_bound_and_give_a_large_payload_its_own_turn() {
+        let items: Vec<Leased> = [400, 500, 200, 2000, 100, 100]
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| leased(i, b))
+            .collect();
+        let runs = turns(&items, 1000);
+        assert_eq!(
+            sizes(&runs),
+            vec![vec![400, 500], vec![200], vec![2000], vec![100, 100]]
+        );
+        assert_eq!(
+            sizes(&turns(&items, usize::MAX)),
+            vec![vec![400, 500, 200, 2000, 100, 100]]
+        );
+        assert!(turns(&[], 1000).is_empty());
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn acks_and_releases_go_in_turns_and_turns_off_is_one_command() {
+        use super::super::counting::{Call, CountingSpool, payload};
+        let spool = CountingSpool::open(None);
+        spool
+            .append((0..6).map(|_| payload(40 * 1024)).collect())
+            .await
+            .unwrap();
+        let items = spool
+            .lease(usize::MAX, usize::MAX, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (first, second) = items.split_at(3);
+        let mut summary = ForwardSummary::default();
+        // 64 KiB turns hold one 40 KiB payload each.
+        settle_delivered(&spool, first, 64 * 1024, &mut summary)
+            .await
+            .unwrap();
+        let transient = DispatchError::Transient {
+            message: "503".into(),
+            retry_after: None,
+        };
+        let cap = Duration::from_secs(1);
+        settle_failed(&spool, second, &transient, cap, 64 * 1024, &mut summary)
+            .await
+            .unwrap();
+        let settles: Vec<Call> = spool.calls().into_iter().skip(1).collect();
+        let mut want = vec![Call::Ack(1); 3];
+        want.extend(vec![Call::Release(1); 3]);
+        assert_eq!(settles, want);
+        assert_eq!(summary.payloads_delivered, 3);
+        assert_eq!(summary.payloads_retried, 3);
+
+        // Turns off: the whole batch in one command.
+        let again = wait_visible(&spool, 3).await;
+        settle_failed(&spool, &again, &transient, cap, usize::MAX, &mut summary)
+            .await
+            .unwrap();
+        assert_eq!(spool.calls().last(), Some(&Call::Release(3)));
+        let again = wait_visible(&spool, 3).await;
+        settle_delivered(&spool, &again, usize::MAX, &mut summary)
+            .await
+            .unwrap();
+        assert_eq!(spool.calls().last(), Some(&Call::Ack(3)));
+    }
+
+    /// Leases until `n` payloads are back (a release has a short delay), bounded.
+    #[cfg(feature = "sqlite")]
+    async fn wait_visible(spool: &dyn Spool, n: usize) -> Vec<Leased> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while got.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "payloads never came back"
+            );
+            got.extend(
+                spool
+                    .lease(n - got.len(), usize::MAX, Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+            );
+            if got.len() < n {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        got
     }
 }

@@ -30,6 +30,8 @@
 //! then at most `2·k·⌈log2 n⌉` for isolation (fewer when refused visitors share halves),
 //! plus one request per unresolved group each time the budget runs out.
 
+#[cfg(all(test, feature = "sqlite"))]
+mod counting;
 mod deliver;
 mod pack;
 mod suspects;
@@ -85,6 +87,38 @@ pub struct ForwarderConfig {
     pub isolation_budget: usize,
     /// How long what isolation did not finish waits before the next try.
     pub suspect_delay: Duration,
+}
+
+/// The smallest [`Forwarder::with_turn_bytes`]: below it a turn's fixed cost (a
+/// transaction, an fsync) outweighs the bytes it moves.
+pub const MIN_TURN_BYTES: usize = 64 * 1024;
+
+/// The turn the relay's `serve` uses over a SQLite spool ([`Forwarder::with_turn_bytes`]):
+/// 1 MiB, or `max_batch_bytes` when that is smaller.
+pub const DEFAULT_TURN_BYTES: usize = 1 << 20;
+
+/// [`Forwarder::with_turn_bytes`] with this value turns turns off, which is also what
+/// [`Forwarder::new`] starts with: one lease of the whole window per cycle and one ack or
+/// release per batch. Turns only help a spool whose commands queue behind one writer
+/// (SQLite, beside ingest); for SQS each extra lease is another request that can long-poll,
+/// and a drain with no ingest beside it only loses throughput.
+pub const TURNS_OFF: usize = usize::MAX;
+
+/// A forwarder setting that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ForwarderConfigError {
+    /// `turn_bytes` out of bounds.
+    #[error(
+        "forwarder turn bytes {got} is out of bounds: at least {min} and at most max_batch_bytes ({max}), or TURNS_OFF"
+    )]
+    TurnBytes {
+        /// What was asked for.
+        got: usize,
+        /// [`MIN_TURN_BYTES`], or `max_batch_bytes` when that is smaller.
+        min: usize,
+        /// The configured `max_batch_bytes`.
+        max: usize,
+    },
 }
 
 impl Default for ForwarderConfig {
@@ -159,6 +193,32 @@ pub struct Forwarder {
     /// Receipts leased and not yet settled: released at once when forwarding stops.
     in_flight: Arc<Mutex<HashSet<Receipt>>>,
     suspects: Arc<Suspects>,
+    /// Most payload bytes one spool command leases, acknowledges or releases (a payload
+    /// larger than this still goes alone). The SQLite spool runs one command at a time on
+    /// its writer thread, ingest's appends included, so this bounds how long an append
+    /// waits behind forwarding: after an outage a cycle leases its whole window
+    /// (`max_batch_bytes` times `concurrency`) in turns of this size, and settles each
+    /// batch in turns too. [`TURNS_OFF`] (the default) is one command per window or batch.
+    turn_bytes: usize,
+}
+
+/// `turn_bytes` if it is within the bounds of [`Forwarder::with_turn_bytes`].
+fn check_turn_bytes(
+    turn_bytes: usize,
+    max_batch_bytes: usize,
+) -> Result<usize, ForwarderConfigError> {
+    let min = MIN_TURN_BYTES.min(max_batch_bytes);
+    if turn_bytes == TURNS_OFF {
+        return Ok(turn_bytes);
+    }
+    if turn_bytes < min || turn_bytes > max_batch_bytes {
+        return Err(ForwarderConfigError::TurnBytes {
+            got: turn_bytes,
+            min,
+            max: max_batch_bytes,
+        });
+    }
+    Ok(turn_bytes)
 }
 
 /// The pause after `n` failed cycles in a row that could not read the spool: from 100 ms,
@@ -195,7 +255,18 @@ impl Forwarder {
             appended_bytes,
             in_flight: Arc::default(),
             suspects: Arc::new(Suspects::new(SUSPECTS_CAPACITY)),
+            turn_bytes: TURNS_OFF,
         }
+    }
+
+    /// The same forwarder moving at most `turn_bytes` payload bytes per spool command: from
+    /// [`MIN_TURN_BYTES`] (or `max_batch_bytes` if that is smaller) to `max_batch_bytes` (a
+    /// larger turn would be a whole batch or more), or [`TURNS_OFF`], the default of
+    /// [`Forwarder::new`]. [`DEFAULT_TURN_BYTES`] is what the relay's `serve` uses over a
+    /// SQLite spool.
+    pub fn with_turn_bytes(mut self, turn_bytes: usize) -> Result<Self, ForwarderConfigError> {
+        self.turn_bytes = check_turn_bytes(turn_bytes, self.config.max_batch_bytes)?;
+        Ok(self)
     }
 
     /// How the upstreams have been answering (for a status page).
@@ -301,6 +372,89 @@ impl Forwarder {
         }
     }
 
+    /// Leases up to `window_payloads` and `window_bytes` in turns of at most `turn_bytes`, so
+    /// appends queued behind a turn wait for that turn only, not for the whole window (the
+    /// writer runs commands in the order they came). With turns off it is one lease, as
+    /// before turns. A short turn does not end the window (a payload that did not fit is
+    /// the next turn's first); an empty one does: nothing more is visible. A last turn is
+    /// skipped when less than half a turn of window is left, so the window goes past
+    /// `window_bytes` by no more than one lease alone would. Every leased receipt is in
+    /// `in_flight` as soon as it is leased, so a stop releases it; if a later turn fails,
+    /// what the earlier turns leased is released at once.
+    async fn lease_window(
+        &self,
+        window_payloads: usize,
+        window_bytes: usize,
+    ) -> Result<Vec<crate::Leased>, SpoolError> {
+        if self.turn_bytes >= window_bytes {
+            let leased = self
+                .spool
+                .lease(window_payloads, window_bytes, self.config.lease_for)
+                .await?;
+            lock(&self.in_flight).extend(leased.iter().map(|l| l.receipt.clone()));
+            return Ok(leased);
+        }
+        let turn_bytes = self.turn_bytes.max(1);
+        let mut leased: Vec<crate::Leased> = Vec::new();
+        let mut leased_bytes = 0usize;
+        let mut turns = 0u64;
+        while leased.len() < window_payloads && leased_bytes < window_bytes {
+            let left = window_bytes - leased_bytes;
+            if turns > 0 && left < turn_bytes / 2 {
+                break;
+            }
+            let turn = match self
+                .spool
+                .lease(
+                    window_payloads - leased.len(),
+                    turn_bytes.min(left),
+                    self.config.lease_for,
+                )
+                .await
+            {
+                Ok(turn) => turn,
+                Err(e) => {
+                    self.release_now(&leased).await;
+                    return Err(e);
+                }
+            };
+            turns += 1;
+            if turn.is_empty() {
+                break;
+            }
+            lock(&self.in_flight).extend(turn.iter().map(|l| l.receipt.clone()));
+            leased_bytes += turn.iter().map(|l| l.payload.stored_len()).sum::<usize>();
+            leased.extend(turn);
+        }
+        if turns > 1 {
+            tracing::debug!(
+                turns,
+                payloads = leased.len(),
+                bytes = leased_bytes,
+                "window leased in turns"
+            );
+        }
+        Ok(leased)
+    }
+
+    /// Releases `leased` at once (a cycle that cannot go on); failure only logs, as the
+    /// leases run out anyway.
+    async fn release_now(&self, leased: &[crate::Leased]) {
+        if leased.is_empty() {
+            return;
+        }
+        let receipts: Vec<Receipt> = leased.iter().map(|l| l.receipt.clone()).collect();
+        {
+            let mut held = lock(&self.in_flight);
+            for r in &receipts {
+                held.remove(r);
+            }
+        }
+        if let Err(e) = self.spool.release(&receipts, Duration::ZERO).await {
+            tracing::warn!(error = %e, "could not release leases; they will expire");
+        }
+    }
+
     /// One lease-send-settle round. Returns what it did and whether the lease window was
     /// full (a backlog: go again at once).
     pub async fn cycle(&self) -> Result<(ForwardSummary, bool), SpoolError> {
@@ -310,12 +464,7 @@ impl Forwarder {
             .max_batch_events
             .saturating_mul(self.config.concurrency);
         let leased = self
-            .spool
-            .lease(
-                window_payloads,
-                self.config.window_bytes(),
-                self.config.lease_for,
-            )
+            .lease_window(window_payloads, self.config.window_bytes())
             .await?;
         let mut summary = ForwardSummary {
             leased: leased.len() as u64,
@@ -328,7 +477,6 @@ impl Forwarder {
         let full =
             leased.len() >= window_payloads || leased_bytes >= self.config.window_bytes() / 2;
 
-        lock(&self.in_flight).extend(leased.iter().map(|l| l.receipt.clone()));
         let batches = pack(leased, &self.config, &self.suspects);
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let budget = Arc::new(IsolationBudget::new(self.config.isolation_budget));
@@ -343,6 +491,7 @@ impl Forwarder {
                 budget: budget.clone(),
                 max_retry_delay: self.config.max_retry_delay,
                 suspect_delay: self.config.suspect_delay,
+                turn_bytes: self.turn_bytes,
             };
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
@@ -367,5 +516,143 @@ impl Forwarder {
             metrics::counter!("tributary_isolation_budget_exhausted_total").increment(1);
         }
         Ok((summary, full))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn turn_bytes_is_checked_against_its_bounds() {
+        let max = tributary::MAX_PAYLOAD_BYTES;
+        assert_eq!(check_turn_bytes(MIN_TURN_BYTES, max), Ok(MIN_TURN_BYTES));
+        assert_eq!(check_turn_bytes(max, max), Ok(max));
+        for bad in [0, MIN_TURN_BYTES - 1, max + 1] {
+            let err = check_turn_bytes(bad, max).unwrap_err();
+            assert!(err.to_string().contains("turn bytes"), "{err}");
+        }
+        // A batch limit below the minimum turn allows a turn of the batch's size.
+        assert_eq!(check_turn_bytes(4096, 4096), Ok(4096));
+        assert!(DEFAULT_TURN_BYTES.min(max) >= MIN_TURN_BYTES);
+        assert_eq!(check_turn_bytes(TURNS_OFF, max), Ok(TURNS_OFF));
+        // Below the minimum, the message names the minimum that applies.
+        let err = check_turn_bytes(1024, 4096).unwrap_err();
+        assert!(err.to_string().contains("at least 4096"), "{err}");
+    }
+
+    #[cfg(feature = "sqlite")]
+    mod turns {
+        use super::super::counting::{CountingSpool, payload};
+        use super::*;
+
+        const KIB: usize = 1024;
+
+        /// A forwarder over `spool` with 256 KiB batches, 2 in flight (a 512 KiB window),
+        /// and an upstream nobody calls (the tests lease, they do not send).
+        fn forwarder(spool: Arc<CountingSpool>, turn_bytes: usize) -> Forwarder {
+            let upstreams = Arc::new(
+                Upstreams::new(&UpstreamConfig {
+                    us: "http://127.0.0.1:9/".into(),
+                    eu: "http://127.0.0.1:9/".into(),
+                    request_timeout: Duration::from_secs(1),
+                })
+                .unwrap(),
+            );
+            let config = ForwarderConfig {
+                max_batch_bytes: 256 * KIB,
+                concurrency: 2,
+                ..ForwarderConfig::default()
+            };
+            Forwarder::new(
+                spool,
+                upstreams,
+                config,
+                Arc::new(Notify::new()),
+                Arc::new(AtomicUsize::new(0)),
+            )
+            .with_turn_bytes(turn_bytes)
+            .unwrap()
+        }
+
+        /// 10 KiB and 60 KiB payloads in turn, 1 MiB in all: with 64 KiB turns every
+        /// 10 KiB payload leaves its turn less than half full.
+        async fn fill(spool: &CountingSpool) {
+            let payloads = (0..30)
+                .map(|i| payload(if i % 2 == 0 { 10 * KIB } else { 60 * KIB }))
+                .collect();
+            spool.append(payloads).await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn a_window_is_leased_in_several_turns_up_to_the_window() {
+            let spool = Arc::new(CountingSpool::open(None));
+            fill(&spool).await;
+            let f = forwarder(spool.clone(), MIN_TURN_BYTES);
+            let window = f.config.window_bytes();
+            let leased = f.lease_window(usize::MAX, window).await.unwrap();
+            let bytes: usize = leased.iter().map(|l| l.payload.stored_len()).sum();
+            let leases = spool.leases();
+            assert!(leases.len() > 2, "{leases:?}");
+            assert!(
+                leases.iter().all(|&(max, _)| max <= MIN_TURN_BYTES),
+                "{leases:?}"
+            );
+            // Short turns did not end the window: it reached within half a turn of the
+            // window, and past it by at most one payload.
+            assert!(
+                bytes + MIN_TURN_BYTES / 2 + 60 * KIB >= window,
+                "{bytes} of {window}"
+            );
+            assert!(bytes <= window + 60 * KIB, "{bytes} of {window}");
+            assert_eq!(lock(&f.in_flight).len(), leased.len());
+        }
+
+        #[tokio::test]
+        async fn a_window_stops_at_an_empty_turn() {
+            let spool = Arc::new(CountingSpool::open(None));
+            spool.append(vec![payload(10 * KIB); 3]).await.unwrap();
+            let f = forwarder(spool.clone(), MIN_TURN_BYTES);
+            let leased = f
+                .lease_window(usize::MAX, f.config.window_bytes())
+                .await
+                .unwrap();
+            assert_eq!(leased.len(), 3);
+            let leases = spool.leases();
+            assert_eq!(leases.len(), 2, "{leases:?}");
+            assert_eq!(leases[1].1, 0);
+        }
+
+        #[tokio::test]
+        async fn a_later_turn_that_fails_releases_what_the_earlier_turns_leased() {
+            let spool = Arc::new(CountingSpool::open(Some(3)));
+            fill(&spool).await;
+            let f = forwarder(spool.clone(), MIN_TURN_BYTES);
+            let err = f.lease_window(usize::MAX, f.config.window_bytes()).await;
+            assert!(err.is_err());
+            assert_eq!(spool.leases().len(), 3);
+            assert!(lock(&f.in_flight).is_empty());
+            // Everything is visible again, at once.
+            let all = spool
+                .inner
+                .lease(usize::MAX, usize::MAX, Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(all.len(), 30);
+        }
+
+        #[tokio::test]
+        async fn with_turns_off_a_window_is_one_lease() {
+            let spool = Arc::new(CountingSpool::open(None));
+            fill(&spool).await;
+            let f = forwarder(spool.clone(), TURNS_OFF);
+            let window = f.config.window_bytes();
+            let leased = f.lease_window(usize::MAX, window).await.unwrap();
+            assert!(!leased.is_empty());
+            let leases = spool.leases();
+            assert_eq!(leases.len(), 1, "{leases:?}");
+            assert_eq!(leases[0].0, window);
+        }
     }
 }
