@@ -18,7 +18,6 @@ use crate::{
 mod accounts;
 mod dead;
 pub(crate) mod dedup;
-mod group;
 mod payloads;
 mod room;
 mod schema;
@@ -167,12 +166,6 @@ impl SqliteConfig {
 pub struct SqliteCounters {
     /// Transactions that committed appends (one per group commit).
     pub append_commits: u64,
-    /// Transactions that committed writes: one per group commit (appends, leases, acks,
-    /// releases, dead letters and settlements together), about one fsync each with
-    /// [`SyncMode::Full`]; a group run one by one (a full disk, a storage error) counts each
-    /// of its transactions that wrote something, a group refused before any transaction
-    /// none.
-    pub write_commits: u64,
     /// Append calls that succeeded.
     pub appends: u64,
     /// Payloads those calls stored.
@@ -344,7 +337,6 @@ impl SqliteSpool {
         let c = &self.counters;
         SqliteCounters {
             append_commits: c.append_commits.load(Ordering::Relaxed),
-            write_commits: c.write_commits.load(Ordering::Relaxed),
             appends: c.appends.load(Ordering::Relaxed),
             appended_payloads: c.appended_payloads.load(Ordering::Relaxed),
             full_rejections: c.full_rejections.load(Ordering::Relaxed),

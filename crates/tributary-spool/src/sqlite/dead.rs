@@ -34,19 +34,9 @@ impl Store {
         receipts: &[(i64, i64)],
         reason: &str,
     ) -> Result<u64, SpoolError> {
-        self.in_transaction(|s, now, delta| s.dead_letter_in(receipts, reason, now, delta))
-    }
-
-    /// [`Store::dead_letter`] in the open transaction, adding what moved to `delta`.
-    pub(super) fn dead_letter_in(
-        &self,
-        receipts: &[(i64, i64)],
-        reason: &str,
-        now: i64,
-        delta: &mut Delta,
-    ) -> Result<u64, SpoolError> {
-        let tx = &self.conn;
-        let mut moved = 0;
+        let now = self.clock.now_ms();
+        let tx = self.begin().map_err(storage)?;
+        let mut delta = Delta::default();
         {
             let mut copy = tx
                 .prepare_cached(
@@ -71,10 +61,11 @@ impl Store {
                     .map_err(storage)?;
                 delta.unpend(bytes, events);
                 delta.bury(bytes, events);
-                moved += 1;
             }
         }
-        Ok(moved)
+        delta.write(&tx, now).map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        Ok(u64::try_from(delta.dead).unwrap_or(0))
     }
 
     /// Moves up to `chunk` payloads appended before `cutoff` (and not currently leased) to

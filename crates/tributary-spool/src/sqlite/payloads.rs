@@ -1,11 +1,8 @@
 //! The operations on pending payloads: the append of a group commit, lease, ack, release,
 //! and the settlement of a leased payload part by part after isolation.
 //!
-//! The path of ingest and delivery, apart from the upkeep of the dead letters (`dead`).
-//! Each operation has a part that runs inside whatever transaction or savepoint is open
-//! (`*_in`, used by the writer's shared group commits, see `group`) and a thin wrapper that
-//! runs that part as one transaction of its own, which also moves the running totals
-//! (`totals`).
+//! The path of ingest and delivery, apart from the upkeep of the dead letters (`dead`);
+//! each operation is one transaction that also moves the running totals (`totals`).
 
 use std::time::Duration;
 
@@ -35,101 +32,77 @@ impl Store {
         &mut self,
         batches: &[Vec<Payload>],
     ) -> Result<Vec<Result<(), SpoolError>>, SpoolError> {
-        let incoming: u64 = batches.iter().map(|b| batch_bytes(b)).sum();
+        let (max_bytes, max_payloads) = (self.max_bytes, self.max_payloads);
+        let incoming: u64 = batches
+            .iter()
+            .flatten()
+            .map(|p| p.stored_len() as u64)
+            .sum();
         if let Some(refusal) = self.refusal(incoming) {
             return Ok(batches.iter().map(|_| Err(refusal.duplicate())).collect());
         }
-        self.in_transaction(|s, now, delta| {
-            // Read inside the write transaction: another process may have changed the totals.
-            let mut held = s.held()?;
-            let mut results = Vec::with_capacity(batches.len());
-            for batch in batches {
-                if let Err(full) = s.check_limits(held, batch) {
-                    results.push(Err(full));
-                    continue;
-                }
-                s.insert_in(batch, now, delta)?;
-                held.0 += batch.len() as u64;
-                held.1 += batch_bytes(batch);
-                results.push(Ok(()));
-            }
-            Ok(results)
-        })
-    }
-
-    /// Payloads and bytes held (pending and dead letters), from the totals row as the open
-    /// transaction sees it.
-    pub(super) fn held(&self) -> Result<(u64, u64), SpoolError> {
-        self.conn
+        let now = self.clock.now_ms();
+        let tx = self.begin().map_err(storage)?;
+        // Read inside the write transaction: another process may have changed the totals.
+        let (mut held, mut held_bytes): (u64, u64) = tx
             .prepare_cached(
                 "SELECT pending + dead, pending_bytes + dead_bytes FROM totals WHERE id = 0",
             )
             .and_then(|mut s| s.query_row([], |r| Ok((to_u64(r.get(0)?), to_u64(r.get(1)?)))))
-            .map_err(storage)
-    }
-
-    /// `Full` if storing `batch` beside what is `held` would pass a limit of the spool.
-    pub(super) fn check_limits(
-        &self,
-        held: (u64, u64),
-        batch: &[Payload],
-    ) -> Result<(), SpoolError> {
-        let (held, held_bytes) = held;
-        let (max_bytes, max_payloads) = (self.max_bytes, self.max_payloads);
-        if held.saturating_add(batch.len() as u64) > max_payloads {
-            return Err(SpoolError::Full {
-                reason: format!(
-                    "{held} payloads held (pending and dead letters), limit {max_payloads}"
-                ),
-            });
-        }
-        if held_bytes.saturating_add(batch_bytes(batch)) > max_bytes {
-            return Err(SpoolError::Full {
-                reason: format!(
-                    "{held_bytes} bytes held (pending and dead letters), limit {max_bytes}"
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Inserts the payloads of one batch in the open transaction and adds them to `delta`
-    /// (as pending and accepted).
-    pub(super) fn insert_in(
-        &self,
-        batch: &[Payload],
-        now: i64,
-        delta: &mut Delta,
-    ) -> Result<(), SpoolError> {
-        let mut insert = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO payloads (visitor_count, bytes, appended_at, visible_at, route, header, visitors)
-                 VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)",
-            )
             .map_err(storage)?;
-        let mut events = 0i64;
-        for p in batch {
-            insert
-                .execute(params![
-                    p.visitor_count,
-                    to_i64(p.stored_len()),
-                    now,
-                    p.route,
-                    &p.header[..],
-                    &p.visitors[..]
-                ])
+        let mut delta = Delta::default();
+        let mut results = Vec::with_capacity(batches.len());
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO payloads (visitor_count, bytes, appended_at, visible_at, route, header, visitors)
+                     VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)",
+                )
                 .map_err(storage)?;
-            events += i64::from(p.visitor_count);
+            for batch in batches {
+                let count = batch.len() as u64;
+                let bytes: u64 = batch.iter().map(|p| p.stored_len() as u64).sum();
+                if held.saturating_add(count) > max_payloads {
+                    results.push(Err(SpoolError::Full {
+                        reason: format!(
+                            "{held} payloads held (pending and dead letters), limit {max_payloads}"
+                        ),
+                    }));
+                    continue;
+                }
+                if held_bytes.saturating_add(bytes) > max_bytes {
+                    results.push(Err(SpoolError::Full {
+                        reason: format!(
+                            "{held_bytes} bytes held (pending and dead letters), limit {max_bytes}"
+                        ),
+                    }));
+                    continue;
+                }
+                for p in batch {
+                    insert
+                        .execute(params![
+                            p.visitor_count,
+                            to_i64(p.stored_len()),
+                            now,
+                            p.route,
+                            &p.header[..],
+                            &p.visitors[..]
+                        ])
+                        .map_err(storage)?;
+                    delta.pending_events += i64::from(p.visitor_count);
+                }
+                held += count;
+                held_bytes += bytes;
+                delta.pending += i64::try_from(count).unwrap_or(i64::MAX);
+                delta.pending_bytes += i64::try_from(bytes).unwrap_or(i64::MAX);
+                results.push(Ok(()));
+            }
         }
-        let count = i64::try_from(batch.len()).unwrap_or(i64::MAX);
-        let bytes = i64::try_from(batch_bytes(batch)).unwrap_or(i64::MAX);
-        delta.pending += count;
-        delta.pending_bytes += bytes;
-        delta.pending_events += events;
-        delta.accepted += count;
-        delta.accepted_events += events;
-        Ok(())
+        delta.accepted = delta.pending;
+        delta.accepted_events = delta.pending_events;
+        delta.write(&tx, now).map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        Ok(results)
     }
 
     /// Hands out visible payloads in the order they became visible and hides them until
@@ -143,29 +116,11 @@ impl Store {
         if max_payloads == 0 {
             return Ok(Vec::new());
         }
-        self.in_transaction(|s, now, _| s.lease_in(max_payloads, max_bytes, lease_for, now, 0))
-    }
-
-    /// [`Store::lease`] in the open transaction, where `uncommitted` bytes were appended
-    /// before it and are not on disk yet (not in `room()`), but will be once it commits.
-    pub(super) fn lease_in(
-        &self,
-        max_payloads: usize,
-        max_bytes: usize,
-        lease_for: Duration,
-        now: i64,
-        uncommitted: u64,
-    ) -> Result<Vec<Leased>, SpoolError> {
-        if max_payloads == 0 {
-            return Ok(Vec::new());
-        }
         // A lease rewrites the pages of what it leases into the WAL, and the acks that follow
         // rewrite them again before a checkpoint can reset it: on a nearly full disk, lease
         // no more than a quarter of the room left, so delivery can always go on (at least
         // one payload, whatever its size, as ever).
-        // Twice: the WAL holds a copy of the appended rows until it is checkpointed, as in
-        // `refusal`.
-        let room = self.room().saturating_sub(uncommitted.saturating_mul(2));
+        let room = self.room();
         let max_bytes = if room < self.reserve_bytes.saturating_mul(4) {
             let cut = max_bytes.min(usize::try_from(room / 4).unwrap_or(usize::MAX));
             tracing::debug!(room, max_bytes = cut, "low on disk space: leasing less");
@@ -173,8 +128,9 @@ impl Store {
         } else {
             max_bytes
         };
+        let now = self.clock.now_ms();
         let until = now.saturating_add(ms(lease_for));
-        let tx = &self.conn;
+        let tx = self.begin().map_err(storage)?;
         let mut out = Vec::new();
         let mut ids = Vec::new();
         {
@@ -222,23 +178,17 @@ impl Store {
                 hide.execute(params![until, id]).map_err(storage)?;
             }
         }
+        Delta::default().write(&tx, now).map_err(storage)?;
+        tx.commit().map_err(storage)?;
         Ok(out)
     }
 
     /// Deletes the payloads, whatever the lease generation: a stale receipt still means the
     /// upstream took the payload. Rows already gone are skipped. Returns how many it deleted.
     pub(super) fn ack(&mut self, receipts: &[(i64, i64)]) -> Result<u64, SpoolError> {
-        self.in_transaction(|s, _, delta| s.ack_in(receipts, delta))
-    }
-
-    /// [`Store::ack`] in the open transaction, adding what it deleted to `delta`.
-    pub(super) fn ack_in(
-        &self,
-        receipts: &[(i64, i64)],
-        delta: &mut Delta,
-    ) -> Result<u64, SpoolError> {
-        let tx = &self.conn;
-        let mut acked = 0;
+        let now = self.clock.now_ms();
+        let tx = self.begin().map_err(storage)?;
+        let mut delta = Delta::default();
         {
             let mut delete = tx
                 .prepare_cached("DELETE FROM payloads WHERE id = ?1 RETURNING bytes, visitor_count")
@@ -252,11 +202,12 @@ impl Store {
                     delta.unpend(bytes, events);
                     delta.delivered += 1;
                     delta.delivered_events += events;
-                    acked += 1;
                 }
             }
         }
-        Ok(acked)
+        delta.write(&tx, now).map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        Ok(u64::try_from(-delta.pending).unwrap_or(0))
     }
 
     /// Makes leased payloads visible at `now + delay`. A stale receipt (the lease expired and
@@ -267,18 +218,9 @@ impl Store {
         receipts: &[(i64, i64)],
         delay: Duration,
     ) -> Result<u64, SpoolError> {
-        self.in_transaction(|s, now, _| s.release_in(receipts, delay, now))
-    }
-
-    /// [`Store::release`] in the open transaction.
-    pub(super) fn release_in(
-        &self,
-        receipts: &[(i64, i64)],
-        delay: Duration,
-        now: i64,
-    ) -> Result<u64, SpoolError> {
+        let now = self.clock.now_ms();
         let at = now.saturating_add(ms(delay));
-        let tx = &self.conn;
+        let tx = self.begin().map_err(storage)?;
         let mut n = 0;
         {
             let mut update = tx
@@ -292,6 +234,8 @@ impl Store {
                     .map_err(storage)? as u64;
             }
         }
+        Delta::default().write(&tx, now).map_err(storage)?;
+        tx.commit().map_err(storage)?;
         Ok(n)
     }
 
@@ -303,18 +247,9 @@ impl Store {
         &mut self,
         parts: &[((i64, i64), PartialSettlement)],
     ) -> Result<u64, SpoolError> {
-        self.in_transaction(|s, now, delta| s.settle_parts_in(parts, now, delta))
-    }
-
-    /// [`Store::settle_parts`] in the open transaction, adding what moved to `delta`. On a
-    /// refused settlement the caller must roll back what this wrote.
-    pub(super) fn settle_parts_in(
-        &self,
-        parts: &[((i64, i64), PartialSettlement)],
-        now: i64,
-        delta: &mut Delta,
-    ) -> Result<u64, SpoolError> {
-        let tx = &self.conn;
+        let now = self.clock.now_ms();
+        let tx = self.begin().map_err(storage)?;
+        let mut delta = Delta::default();
         let mut settled = 0;
         {
             let mut current = tx
@@ -421,11 +356,8 @@ impl Store {
                 settled += 1;
             }
         }
+        delta.write(&tx, now).map_err(storage)?;
+        tx.commit().map_err(storage)?;
         Ok(settled)
     }
-}
-
-/// The bytes a batch takes in the spool.
-pub(super) fn batch_bytes(batch: &[Payload]) -> u64 {
-    batch.iter().map(|p| p.stored_len() as u64).sum()
 }

@@ -16,7 +16,7 @@ use crate::SpoolError;
 /// relay that just refused a request for lack of space does not call itself ready.
 const READY_MARGIN: u64 = 64 << 10;
 
-pub(super) fn is_disk_full(e: &SpoolError) -> bool {
+fn is_disk_full(e: &SpoolError) -> bool {
     matches!(e, SpoolError::Full { reason } if reason == DISK_FULL)
 }
 
@@ -29,7 +29,10 @@ impl Store {
         &mut self,
         op: impl Fn(&mut Store) -> Result<T, SpoolError>,
     ) -> Result<T, SpoolError> {
-        self.ease_before();
+        if self.room() < self.reserve_bytes.saturating_mul(2) {
+            // Low on space: start from an empty WAL.
+            self.checkpoint();
+        }
         let result = match op(self) {
             Err(e) if is_disk_full(&e) => {
                 tracing::warn!("spool file system full; checkpointing the WAL and trying again");
@@ -38,30 +41,17 @@ impl Store {
             }
             other => other,
         };
-        if result.is_ok() {
-            self.ease_after();
+        if result.is_ok() && self.room() < self.reserve_bytes.saturating_mul(2) {
+            // Low on space: keep the WAL small and give the pages of what was delivered back
+            // to the file system, so that ingest can resume by itself.
+            self.checkpoint();
+            self.give_back();
         }
         result.map_err(|e| self.classify(e))
     }
 
-    /// Before a write: low on space, start from an empty WAL.
-    pub(super) fn ease_before(&mut self) {
-        if self.room() < self.reserve_bytes.saturating_mul(2) {
-            self.checkpoint();
-        }
-    }
-
-    /// After a write that committed: low on space, keep the WAL small and give the pages of
-    /// what was delivered back to the file system, so that ingest can resume by itself.
-    pub(super) fn ease_after(&mut self) {
-        if self.room() < self.reserve_bytes.saturating_mul(2) {
-            self.checkpoint();
-            self.give_back();
-        }
-    }
-
     /// Moves the WAL into the database and truncates it.
-    pub(super) fn checkpoint(&mut self) {
+    fn checkpoint(&mut self) {
         match self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
@@ -120,10 +110,6 @@ impl Store {
     /// spool that cannot give free pages back (created before format 2) also counts them,
     /// since it reuses them before it grows.
     pub(super) fn room(&self) -> u64 {
-        #[cfg(test)]
-        if let Some(room) = self.room_override {
-            return room;
-        }
         // Unknown free space (statvfs failed) is u64::MAX: do not refuse on a guess;
         // SQLITE_FULL still stops appends.
         let fs_free = self.fs_free();

@@ -17,7 +17,6 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
 use super::schema::{SCHEMA_VERSION, WHAT_TO_DO, migrate, precheck};
-use super::totals::Delta;
 use super::{SqliteConfig, SyncMode};
 use crate::SpoolError;
 use crate::clock::SpoolClock;
@@ -69,10 +68,6 @@ pub(super) struct Store {
     /// Set when an operation found the file damaged: from then on nothing is appended
     /// (a 2xx into a spool that cannot be forwarded from would be a lie).
     pub(super) damaged: Option<String>,
-    /// Tests set the room the disk reserve sees, since the real free space of a shared
-    /// file system moves under them.
-    #[cfg(test)]
-    pub(super) room_override: Option<u64>,
 }
 
 impl Store {
@@ -139,11 +134,6 @@ impl Store {
         // Without a limit, the WAL file keeps the size of its largest burst.
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
             .map_err(storage)?;
-        // Each write of a shared group commit runs in a savepoint, whose sub-journal (the
-        // original of every page the write changes) would otherwise spill to a temporary
-        // file past 64 KiB: a lease or an ack of a large batch rewrote it all to disk.
-        conn.pragma_update(None, "temp_store", "MEMORY")
-            .map_err(storage)?;
         conn.set_prepared_statement_cache_capacity(32);
         let page_size: i64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
@@ -163,8 +153,6 @@ impl Store {
             incremental_vacuum: auto_vacuum == 2,
             clock: SpoolClock::new(config.clock.clone(), 0),
             damaged: None,
-            #[cfg(test)]
-            room_override: None,
         };
         if version < SCHEMA_VERSION {
             let tx = store.begin().map_err(storage)?;
@@ -195,38 +183,6 @@ impl Store {
                 }
             }
             other => other,
-        }
-    }
-
-    /// Runs `op` in one `BEGIN IMMEDIATE` transaction of its own with the spool's time now,
-    /// then writes what it moved (the [`Delta`] it filled) to the totals and commits. On any
-    /// error nothing of it is written.
-    pub(super) fn in_transaction<T>(
-        &mut self,
-        op: impl FnOnce(&Store, i64, &mut Delta) -> Result<T, SpoolError>,
-    ) -> Result<T, SpoolError> {
-        let now = self.clock.now_ms();
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(storage)?;
-        let mut delta = Delta::default();
-        let result = op(self, now, &mut delta).and_then(|value| {
-            delta.write(&self.conn, now).map_err(storage)?;
-            self.conn.execute_batch("COMMIT").map_err(storage)?;
-            Ok(value)
-        });
-        if result.is_err() {
-            self.rollback();
-        }
-        result
-    }
-
-    /// Rolls back the open transaction, if SQLite has not already done so itself.
-    pub(super) fn rollback(&self) {
-        if !self.conn.is_autocommit()
-            && let Err(e) = self.conn.execute_batch("ROLLBACK")
-        {
-            tracing::warn!(error = %e, "spool rollback failed");
         }
     }
 

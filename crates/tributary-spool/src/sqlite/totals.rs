@@ -5,7 +5,7 @@
 //! Apart so that the columns of the totals row and the statements that move and read them
 //! are in one place; the operations only say, through a `Delta`, what moved.
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::store::{Store, storage, to_u64};
 use crate::audit::Counted;
@@ -34,7 +34,7 @@ pub(super) struct Delta {
 }
 
 impl Delta {
-    pub(super) fn write(&self, tx: &Connection, now: i64) -> rusqlite::Result<()> {
+    pub(super) fn write(&self, tx: &Transaction<'_>, now: i64) -> rusqlite::Result<()> {
         tx.prepare_cached(
             "UPDATE totals SET pending = pending + ?1, pending_bytes = pending_bytes + ?2,
                  pending_events = pending_events + ?3, dead = dead + ?4,
@@ -61,23 +61,6 @@ impl Delta {
             now
         ])?;
         Ok(())
-    }
-
-    /// Adds the moves of `other` (a later part of the same transaction).
-    pub(super) fn add(&mut self, other: &Delta) {
-        self.pending += other.pending;
-        self.pending_bytes += other.pending_bytes;
-        self.pending_events += other.pending_events;
-        self.dead += other.dead;
-        self.dead_bytes += other.dead_bytes;
-        self.dead_events += other.dead_events;
-        self.accepted += other.accepted;
-        self.accepted_events += other.accepted_events;
-        self.delivered += other.delivered;
-        self.delivered_events += other.delivered_events;
-        self.purged += other.purged;
-        self.purged_events += other.purged_events;
-        self.split += other.split;
     }
 
     /// A payload row of `bytes` and `events` leaves the pending table.
