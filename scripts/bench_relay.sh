@@ -16,11 +16,9 @@ cargo build --release -q -p tributary-relay
 bin="${CARGO_TARGET_DIR:-$root/target}/release/tributary"
 work="$(mktemp -d)"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+source "$root/scripts/lib.sh"
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 declare -A peer
 # with_ratio TARGET EVENTS_PER_PAYLOAD RESULT_JSON: the line, with the ratio to the peer.

@@ -10,10 +10,8 @@
 set -euo pipefail
 secs="${SECS:-5}"; gen="${1:?usage: bench_relay_ab.sh GEN BIN_A BIN_B [...]}"; shift
 work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+source "$(cd "$(dirname "$0")" && pwd)/lib.sh"
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 sink_port=$(free_port)
 "$gen" bench sink --listen "127.0.0.1:$sink_port" 2>/dev/null & pids+=($!)
 wait_port "$sink_port"
