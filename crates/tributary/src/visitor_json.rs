@@ -67,10 +67,8 @@ pub(crate) fn write_visitor(out: &mut Vec<u8>, e: &UserEvent) {
             };
             write_str(out, campaign_id);
             write_event_tail(out, e, ACTIVATE_EVENT_KEY);
-            out.extend_from_slice(br#"}],"decisions":[{"campaign_id":"#);
-            write_str(out, campaign_id);
-            out.extend_from_slice(br#","experiment_id":"#);
-            write_str(out, &imp.experiment_id);
+            str_field(out, br#"}],"decisions":[{"campaign_id":"#, campaign_id);
+            str_field(out, br#","experiment_id":"#, &imp.experiment_id);
             out.extend_from_slice(br#","variation_id":"#);
             if is_numeric_id(&imp.variation_id) {
                 write_str(out, &imp.variation_id);
@@ -105,51 +103,36 @@ pub(crate) fn write_visitor(out: &mut Vec<u8>, e: &UserEvent) {
         }
         write_attribute(out, attribute);
     }
-    out.extend_from_slice(br#"],"visitor_id":"#);
-    write_str(out, &e.user_id);
+    str_field(out, br#"],"visitor_id":"#, &e.user_id);
     out.push(b'}');
 }
 
 /// `,"uuid":..,"key":..,"timestamp":N` of the snapshot's one event.
 fn write_event_tail(out: &mut Vec<u8>, e: &UserEvent, key: &str) {
-    out.extend_from_slice(br#","uuid":"#);
-    write_str(out, &e.uuid);
-    out.extend_from_slice(br#","key":"#);
-    write_str(out, key);
+    str_field(out, br#","uuid":"#, &e.uuid);
+    str_field(out, br#","key":"#, key);
     out.extend_from_slice(br#","timestamp":"#);
     out.extend_from_slice(itoa::Buffer::new().format(e.timestamp).as_bytes());
 }
 
 /// `,"metadata":{..}}` closing the decision object.
 fn write_metadata(out: &mut Vec<u8>, imp: &Impression) {
-    out.extend_from_slice(br#","metadata":{"flag_key":"#);
-    write_str(out, &imp.flag_key);
-    out.extend_from_slice(br#","rule_key":"#);
-    write_str(out, &imp.rule_key);
-    out.extend_from_slice(br#","rule_type":"#);
-    write_str(out, &imp.rule_type);
-    out.extend_from_slice(br#","variation_key":"#);
-    write_str(out, &imp.variation_key);
-    out.extend_from_slice(if imp.enabled {
-        br#","enabled":true"#
-    } else {
-        br#","enabled":false"#
-    });
+    str_field(out, br#","metadata":{"flag_key":"#, &imp.flag_key);
+    str_field(out, br#","rule_key":"#, &imp.rule_key);
+    str_field(out, br#","rule_type":"#, &imp.rule_type);
+    str_field(out, br#","variation_key":"#, &imp.variation_key);
+    bool_field(out, br#","enabled":"#, imp.enabled);
     // The SDKs leave cmab_uuid out when it is empty as well as when it is unset.
     if let Some(cmab) = imp.cmab_uuid.as_deref().filter(|c| !c.is_empty()) {
-        out.extend_from_slice(br#","cmab_uuid":"#);
-        write_str(out, cmab);
+        str_field(out, br#","cmab_uuid":"#, cmab);
     }
     out.extend_from_slice(b"}}");
 }
 
 fn write_attribute(out: &mut Vec<u8>, a: &VisitorAttribute) {
-    out.extend_from_slice(br#"{"entity_id":"#);
-    write_str(out, &a.entity_id);
-    out.extend_from_slice(br#","key":"#);
-    write_str(out, &a.key);
-    out.extend_from_slice(br#","type":"#);
-    write_str(out, &a.kind);
+    str_field(out, br#"{"entity_id":"#, &a.entity_id);
+    str_field(out, br#","key":"#, &a.key);
+    str_field(out, br#","type":"#, &a.kind);
     out.extend_from_slice(br#","value":"#);
     match &a.value {
         AttributeValue::String(s) => write_str(out, s),
@@ -159,6 +142,19 @@ fn write_attribute(out: &mut Vec<u8>, a: &VisitorAttribute) {
         AttributeValue::Float(f) => write_serde(out, f),
     }
     out.push(b'}');
+}
+
+/// Appends `name` (pre-escaped, with the punctuation before the value) and `value` as a
+/// JSON string.
+fn str_field(out: &mut Vec<u8>, name: &[u8], value: &str) {
+    out.extend_from_slice(name);
+    write_str(out, value);
+}
+
+/// Appends `name` (pre-escaped, with the punctuation before the value) and `value`.
+fn bool_field(out: &mut Vec<u8>, name: &[u8], value: bool) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(if value { b"true" } else { b"false" });
 }
 
 /// Values whose formatting must stay exactly serde_json's.
@@ -229,21 +225,12 @@ fn lane_needs_escape(x: u64) -> bool {
 /// Appends the header fields of a body (the object's members before `"visitors"`, without
 /// braces), in the order the Python SDK writes them.
 pub(crate) fn write_header_fields(out: &mut Vec<u8>, ctx: &EventContext) {
-    out.extend_from_slice(br#""account_id":"#);
-    write_str(out, &ctx.account_id);
-    out.extend_from_slice(br#","project_id":"#);
-    write_str(out, &ctx.project_id);
-    out.extend_from_slice(br#","revision":"#);
-    write_str(out, &ctx.revision);
-    out.extend_from_slice(br#","client_name":"#);
-    write_str(out, &ctx.client_name);
-    out.extend_from_slice(br#","client_version":"#);
-    write_str(out, &ctx.client_version);
-    out.extend_from_slice(if ctx.anonymize_ip {
-        br#","anonymize_ip":true"#
-    } else {
-        br#","anonymize_ip":false"#
-    });
+    str_field(out, br#""account_id":"#, &ctx.account_id);
+    str_field(out, br#","project_id":"#, &ctx.project_id);
+    str_field(out, br#","revision":"#, &ctx.revision);
+    str_field(out, br#","client_name":"#, &ctx.client_name);
+    str_field(out, br#","client_version":"#, &ctx.client_version);
+    bool_field(out, br#","anonymize_ip":"#, ctx.anonymize_ip);
     out.extend_from_slice(br#","enrich_decisions":true"#);
 }
 
