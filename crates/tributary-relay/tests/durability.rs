@@ -81,10 +81,21 @@ fn a_full_disk_refuses_politely_loses_nothing_and_recovers_by_itself() {
     let spool_s = spool.to_str().unwrap().to_owned();
     // The upstream is down, so nothing frees the disk until it comes back.
     let upstream = RecordingUpstream::start_with(Script::new().default_reply(Reply::status(503)));
+    // A lease far longer than the test's wait: a forwarder write that fails on the full disk
+    // (it used to be the release of a whole leased window after a 503) leaves its payloads
+    // leased until the lease ends, so such a failure shows here as events never delivered,
+    // not as a delay of a minute that fits in the wait.
     let relay = InProcessRelay::serve(&relay_args(
         &upstream.url(),
         &spool_s,
-        &["--spool-reserve-bytes", "600000", "--spool-sync", "normal"],
+        &[
+            "--spool-reserve-bytes",
+            "600000",
+            "--spool-sync",
+            "normal",
+            "--lease-timeout",
+            "10m",
+        ],
     ));
     let url = relay.url("/v1/events");
 

@@ -113,6 +113,9 @@ impl Store {
         max_bytes: usize,
         lease_for: Duration,
     ) -> Result<Vec<Leased>, SpoolError> {
+        // Each leased row is rewritten into the WAL: on a nearly full disk, few enough rows
+        // that the lease fits (see `rows_per_write`).
+        let max_payloads = max_payloads.min(self.rows_per_write());
         if max_payloads == 0 {
             return Ok(Vec::new());
         }

@@ -16,6 +16,12 @@ use crate::SpoolError;
 /// relay that just refused a request for lack of space does not call itself ready.
 const READY_MARGIN: u64 = 64 << 10;
 
+/// Pages of WAL one row's write is counted as when sizing the forwarder's writes on a nearly
+/// full disk: the row's leaf page, an index page, and one more for a split or the freelist.
+/// (Leasing rows of 3.5 KB grew the WAL by about two pages a row; an update that leaves a
+/// row's size alone rewrites only its first page, however many overflow pages it has.)
+const WAL_PAGES_PER_ROW: u64 = 3;
+
 fn is_disk_full(e: &SpoolError) -> bool {
     matches!(e, SpoolError::Full { reason } if reason == DISK_FULL)
 }
@@ -48,6 +54,49 @@ impl Store {
             self.give_back();
         }
         result.map_err(|e| self.classify(e))
+    }
+
+    /// Runs `op` over `items` in chunks of at most [`Self::rows_per_write`], each chunk its own
+    /// transaction through [`Self::with_room`], and sums what the chunks return. On a nearly
+    /// full disk one write of many rows (the release of a large leased window after the
+    /// upstream failed) can need more WAL than the disk has left: it then failed whole, again
+    /// after the checkpoint, and its payloads stayed leased until the lease expired (a minute
+    /// without deliveries, by default). In chunks, each with a checkpoint after it, every
+    /// write fits. With room to spare it is one chunk, as before.
+    ///
+    /// A chunk that fails ends the call with its error; the chunks before it are committed.
+    /// Every caller's rows are independent (ack, release, dead-letter, settle by receipt),
+    /// so that is the same as the forwarder having sent fewer receipts.
+    pub(super) fn with_room_chunked<I>(
+        &mut self,
+        items: &[I],
+        op: impl Fn(&mut Store, &[I]) -> Result<u64, SpoolError>,
+    ) -> Result<u64, SpoolError> {
+        if items.is_empty() {
+            return self.with_room(|s| op(s, items));
+        }
+        let mut total = 0u64;
+        let mut rest = items;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(self.rows_per_write().min(rest.len()));
+            total = total.saturating_add(self.with_room(|s| op(s, chunk))?);
+            rest = tail;
+        }
+        Ok(total)
+    }
+
+    /// Rows one forwarder write may change now: any number with room to spare; under four
+    /// reserves of room, as many as a quarter of the room carries through the WAL at
+    /// [`WAL_PAGES_PER_ROW`] pages a row, and at least one.
+    pub(super) fn rows_per_write(&self) -> usize {
+        let room = self.room();
+        if room >= self.reserve_bytes.saturating_mul(4) {
+            return usize::MAX;
+        }
+        let per_row = self.page_size.max(1).saturating_mul(WAL_PAGES_PER_ROW);
+        usize::try_from((room / 4) / per_row)
+            .unwrap_or(usize::MAX)
+            .max(1)
     }
 
     /// Moves the WAL into the database and truncates it.

@@ -117,16 +117,17 @@ pub(super) fn run(
                     reply.send(store.with_room(|s| s.lease(max_payloads, max_bytes, lease_for)));
             }
             Command::Ack(receipts, reply) => {
-                let _ = reply.send(store.with_room(|s| s.ack(&receipts)));
+                let _ = reply.send(store.with_room_chunked(&receipts, |s, r| s.ack(r)));
             }
             Command::Release(receipts, delay, reply) => {
-                let _ = reply.send(store.with_room(|s| s.release(&receipts, delay)));
+                let _ = reply.send(store.with_room_chunked(&receipts, |s, r| s.release(r, delay)));
             }
             Command::DeadLetter(receipts, reason, reply) => {
-                let _ = reply.send(store.with_room(|s| s.dead_letter(&receipts, &reason)));
+                let _ = reply
+                    .send(store.with_room_chunked(&receipts, |s, r| s.dead_letter(r, &reason)));
             }
             Command::Settle(parts, reply) => {
-                let _ = reply.send(store.with_room(|s| s.settle_parts(&parts)));
+                let _ = reply.send(store.with_room_chunked(&parts, |s, p| s.settle_parts(p)));
             }
             Command::Stats(reply) => {
                 let _ = reply.send(store.stats());
