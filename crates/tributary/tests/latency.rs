@@ -314,7 +314,7 @@ fn flush_and_wait_covers_every_request_in_flight() {
         processor.process(ev).unwrap();
     }
     assert!(processor.flush_and_wait(Duration::from_secs(30)));
-    // The ack means every request built before it returned: all 505 are upstream now.
+    // The ack means every event batched before it returned: all 505 are upstream now.
     assert_exactly_once(&upstream, &sent);
     assert_eq!(processor.stats().events_dispatched, 505);
     assert!(processor.close().is_complete());

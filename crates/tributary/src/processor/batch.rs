@@ -4,11 +4,15 @@
 //! ```text
 //! process() --try_send--> data queue (queue_capacity) --\
 //! flush()/close() -----> control queue (CONTROL_CAPACITY) --> batcher thread
-//!     batcher: batch by size / age / context -> EventFactory -> LogEvents, numbered
+//!     batcher: batch by size / age / context, numbered
 //!     --> dispatch queue (max_pending_batches) --> dispatch workers (dispatch_concurrency)
-//!     worker: LOG_EVENT listeners -> EventDispatcher::dispatch_with_deadline -> counters
-//!             -> Progress::finish(seq)
+//!     worker: EventFactory -> LogEvents -> LOG_EVENT listeners
+//!             -> EventDispatcher::dispatch_with_deadline -> counters -> Progress::finish(seq)
 //! ```
+//!
+//! The workers, not the batcher, turn batches into requests: serialising is most of the
+//! pipeline's work, and the batcher is one thread while the workers are as many as the
+//! load needs, so with a fast dispatcher serialisation runs on every core instead of one.
 //!
 //! Control messages have their own channel, so `flush()` and `close()` never wait behind a
 //! full data queue. A flush ack is fired by [`Progress`] once every request numbered before
@@ -83,14 +87,14 @@ impl Shared {
     }
 }
 
-/// Which numbered requests have returned from the dispatcher, and the flush acks waiting
-/// for them. Requests are numbered by the batcher from 0; several workers finish them in
-/// any order.
+/// Which numbered batches have been dispatched (every request made of them returned from
+/// the dispatcher), and the flush acks waiting for them. Batches are numbered by the
+/// batcher from 0; several workers finish them in any order.
 #[derive(Debug, Default)]
 struct Progress {
-    /// Every request numbered below this has finished.
+    /// Every batch numbered below this has finished.
     finished_below: u64,
-    /// Finished requests at or above `finished_below` (at most one per worker).
+    /// Finished batches at or above `finished_below` (at most one per worker).
     finished_ahead: BTreeSet<u64>,
     /// Acks to send once `finished_below` reaches their number.
     acks: Vec<(u64, Sender<()>)>,
@@ -113,7 +117,7 @@ impl Progress {
         });
     }
 
-    /// Sends `ack` once every request numbered below `target` has finished.
+    /// Sends `ack` once every batch numbered below `target` has finished.
     fn ack_when(&mut self, target: u64, ack: Sender<()>) {
         if target <= self.finished_below {
             let _ = ack.try_send(());
@@ -130,14 +134,12 @@ enum Control {
     Stop,
 }
 
-/// A request for the dispatch workers, numbered for [`Progress`].
+/// A batch for the dispatch workers, numbered for [`Progress`]. The worker serialises it
+/// into requests and frees its events, both off the batcher's thread: the batcher is one
+/// thread for the whole pipeline, and these were nearly all of its time.
 struct Numbered {
     seq: u64,
-    log_event: LogEvent,
-    /// The user events the request was made from, freed by the worker (with the last
-    /// request of a batch; empty for the others): freeing some twenty strings per event
-    /// was a fifth of the batcher's time, and the batcher is the pipeline's bottleneck.
-    spent: Vec<UserEvent>,
+    batch: Vec<UserEvent>,
 }
 
 /// What the threads need, kept until they start.
@@ -201,7 +203,7 @@ enum Lifecycle {
 ///
 /// Several requests are in flight at once, so they may reach the upstream in any order;
 /// events of one batch stay together. [`flush_and_wait`](Self::flush_and_wait) returns
-/// only when every request built before it has returned from the dispatcher, whichever
+/// only when every event batched before it has returned from the dispatcher, whichever
 /// worker sent it. `LOG_EVENT` listeners are called once per request, on the worker thread
 /// that sends it, so several may run at once.
 ///
@@ -707,11 +709,13 @@ fn spawn(parts: Parts, shared: Arc<Shared>) -> Result<Receiver<()>, BuildError> 
         dispatch_concurrency,
     } = parts;
     let (dispatch_tx, dispatch_rx) = bounded::<Numbered>(max_pending_batches);
+    let factory = Arc::new(factory);
     // Never sent on: the workers and the batcher each hold a clone; the last to exit
     // disconnects it.
     let (done_tx, done_rx) = bounded::<()>(1);
     let mut workers = Workers {
         rx: dispatch_rx,
+        factory,
         dispatcher: Arc::from(dispatcher),
         center: notification_center,
         shared: shared.clone(),
@@ -730,7 +734,6 @@ fn spawn(parts: Parts, shared: Arc<Shared>) -> Result<Receiver<()>, BuildError> 
         ctrl_rx,
         dispatch_tx,
         workers,
-        factory,
         batch_size,
         flush_interval,
         batch: Vec::with_capacity(batch_size.min(4096)),
@@ -751,7 +754,7 @@ fn spawn(parts: Parts, shared: Arc<Shared>) -> Result<Receiver<()>, BuildError> 
 }
 
 /// The dispatch workers, started on demand up to `max`: the batcher starts one more when a
-/// request is ready and no worker is waiting for it. A fast dispatcher then runs on one or
+/// batch is ready and no worker is waiting for it. A fast dispatcher then runs on one or
 /// two threads, and a slow upstream still gets `dispatch_concurrency` requests in flight.
 /// (With all 32 started up front, the idle ones spinning on the queue after each request
 /// took a third to a half of the batcher's throughput on two cores.)
@@ -761,6 +764,7 @@ fn spawn(parts: Parts, shared: Arc<Shared>) -> Result<Receiver<()>, BuildError> 
 /// disconnects, so close() waits for that too.
 struct Workers {
     rx: Receiver<Numbered>,
+    factory: Arc<EventFactory>,
     dispatcher: Arc<dyn EventDispatcher>,
     center: Option<Arc<NotificationCenter>>,
     shared: Arc<Shared>,
@@ -773,8 +777,9 @@ struct Workers {
 
 impl Workers {
     fn start_one(&mut self) -> std::io::Result<()> {
-        let (rx, dispatcher, center, shared, done, idle) = (
+        let (rx, factory, dispatcher, center, shared, done, idle) = (
             self.rx.clone(),
+            self.factory.clone(),
             self.dispatcher.clone(),
             self.center.clone(),
             self.shared.clone(),
@@ -784,7 +789,13 @@ impl Workers {
         thread::Builder::new()
             .name(format!("tributary-dispatch-{}", self.started))
             .spawn(move || {
-                dispatch_loop(&rx, &*dispatcher, center.as_deref(), &shared, &idle);
+                let worker = Worker {
+                    factory: &factory,
+                    dispatcher: &*dispatcher,
+                    center: center.as_deref(),
+                    shared: &shared,
+                };
+                worker.run(&rx, &idle);
                 drop(dispatcher);
                 drop(done);
             })?;
@@ -809,7 +820,6 @@ struct Batcher {
     ctrl_rx: Receiver<Control>,
     dispatch_tx: Sender<Numbered>,
     workers: Workers,
-    factory: EventFactory,
     batch_size: usize,
     flush_interval: Duration,
     batch: Vec<UserEvent>,
@@ -817,7 +827,7 @@ struct Batcher {
     deadline: Option<Instant>,
     /// Events taken from the queue and not yet reported to the metrics facade.
     received: u64,
-    /// The number of the next request; every request below it was handed to the workers.
+    /// The number of the next batch; every batch below it was handed to the workers.
     next_seq: u64,
     shared: Arc<Shared>,
 }
@@ -908,50 +918,22 @@ impl Batcher {
         if self.batch.is_empty() {
             return;
         }
-        let out = self.factory.create_log_events(&self.batch);
-        let counters = &self.shared.counters;
-        for oversized in &out.oversized {
-            tracing::error!(
-                uuid = %oversized.uuid,
-                size = oversized.size,
-                limit = oversized.limit,
-                "event too large to send on its own; counted as failed"
-            );
-            self.shared.set_last_error(oversized.to_string());
-        }
-        counters.fail(out.oversized.len() as u64);
-        let requests = out.log_events.len();
-        let mut spent = Some(std::mem::replace(
+        let batch = mem::replace(
             &mut self.batch,
             Vec::with_capacity(self.batch_size.min(4096)),
-        ));
-        for (i, log_event) in out.log_events.into_iter().enumerate() {
-            let n = log_event.visitor_count() as u64;
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let spent = if i + 1 == requests {
-                spent.take().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            self.workers.ensure_free();
-            // Blocks while the workers are `max_pending_batches` behind: the data queue
-            // then fills and process() reports QueueFull, instead of memory growing.
-            if self
-                .dispatch_tx
-                .send(Numbered {
-                    seq,
-                    log_event,
-                    spent,
-                })
-                .is_err()
-            {
-                // The workers are gone (they cannot panic, but be safe): count, not lose.
-                counters.fail(n);
-                self.shared
-                    .set_last_error("the dispatch workers have stopped".into());
-                self.shared.progress().finish(seq);
-            }
+        );
+        let n = batch.len() as u64;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.workers.ensure_free();
+        // Blocks while the workers are `max_pending_batches` behind: the data queue then
+        // fills and process() reports QueueFull, instead of memory growing.
+        if self.dispatch_tx.send(Numbered { seq, batch }).is_err() {
+            // The workers are gone (they cannot panic, but be safe): count, not lose.
+            self.shared.counters.fail(n);
+            self.shared
+                .set_last_error("the dispatch workers have stopped".into());
+            self.shared.progress().finish(seq);
         }
     }
 
@@ -979,35 +961,60 @@ fn same_context(a: &Arc<EventContext>, b: &Arc<EventContext>) -> bool {
     Arc::ptr_eq(a, b) || a == b
 }
 
-/// One dispatch worker: runs requests until the batcher is gone and the queue is empty.
-fn dispatch_loop(
-    rx: &Receiver<Numbered>,
-    dispatcher: &dyn EventDispatcher,
-    center: Option<&NotificationCenter>,
-    shared: &Shared,
-    idle: &AtomicUsize,
-) {
-    let counters = &shared.counters;
-    loop {
-        idle.fetch_add(1, Ordering::AcqRel);
-        let next = rx.recv();
-        idle.fetch_sub(1, Ordering::AcqRel);
-        let Ok(Numbered {
-            seq,
-            log_event,
-            spent,
-        }) = next
-        else {
-            break;
-        };
-        // Before the request, so slow upstreams do not hold the events' memory.
-        drop(spent);
-        if let Some(center) = center {
-            center.send_log_event(&log_event);
+/// One dispatch worker's view of what the workers share.
+struct Worker<'a> {
+    factory: &'a EventFactory,
+    dispatcher: &'a dyn EventDispatcher,
+    center: Option<&'a NotificationCenter>,
+    shared: &'a Shared,
+}
+
+impl Worker<'_> {
+    /// Runs batches until the batcher is gone and the queue is empty.
+    fn run(&self, rx: &Receiver<Numbered>, idle: &AtomicUsize) {
+        loop {
+            idle.fetch_add(1, Ordering::AcqRel);
+            let next = rx.recv();
+            idle.fetch_sub(1, Ordering::AcqRel);
+            let Ok(Numbered { seq, batch }) = next else {
+                break;
+            };
+            self.dispatch_batch(batch);
+            self.shared.progress().finish(seq);
+        }
+    }
+
+    /// Serialises `batch` (one request, or several when it passes `max_batch_bytes`) and
+    /// sends each request.
+    fn dispatch_batch(&self, batch: Vec<UserEvent>) {
+        let out = self.factory.create_log_events(&batch);
+        // Before the requests, so slow upstreams do not hold the events' memory.
+        drop(batch);
+        for oversized in &out.oversized {
+            tracing::error!(
+                uuid = %oversized.uuid,
+                size = oversized.size,
+                limit = oversized.limit,
+                "event too large to send on its own; counted as failed"
+            );
+            self.shared.set_last_error(oversized.to_string());
+        }
+        self.shared.counters.fail(out.oversized.len() as u64);
+        for log_event in out.log_events {
+            self.dispatch(&log_event);
+        }
+    }
+
+    fn dispatch(&self, log_event: &LogEvent) {
+        let shared = self.shared;
+        if let Some(center) = self.center {
+            center.send_log_event(log_event);
         }
         let total = log_event.visitor_count();
-        let run =
-            AssertUnwindSafe(|| dispatcher.dispatch_with_deadline(&log_event, &shared.deadline));
+        let run = AssertUnwindSafe(|| {
+            self.dispatcher
+                .dispatch_with_deadline(log_event, &shared.deadline)
+        });
         let delivered = match catch_unwind(run) {
             Ok(Ok(())) => total,
             Ok(Err(e)) => {
@@ -1030,8 +1037,7 @@ fn dispatch_loop(
                 0
             }
         };
-        counters.dispatched(delivered as u64, total as u64);
-        shared.progress().finish(seq);
+        shared.counters.dispatched(delivered as u64, total as u64);
     }
 }
 

@@ -76,7 +76,7 @@ pub enum BuildError {
 /// | [`dispatch_concurrency`](Self::dispatch_concurrency) | 32 | requests in flight at once, 1..=64 (the SDKs: 1) |
 /// | [`close_timeout`](Self::close_timeout) | 5 s | bound on `close()` |
 /// | [`max_batch_bytes`](Self::max_batch_bytes) | 3,500,000 | request body limit; larger batches are split |
-/// | [`max_pending_batches`](Self::max_pending_batches) | 8 | built requests waiting for a dispatch worker |
+/// | [`max_pending_batches`](Self::max_pending_batches) | 8 | batches waiting for a dispatch worker to serialise and send them |
 /// | [`start_on_init`](Self::start_on_init) | true | start the threads in `build()` |
 ///
 /// **Why these two differ from the SDKs.** With one request in flight, throughput is
@@ -88,9 +88,10 @@ pub enum BuildError {
 /// upstream drains it. The larger queue costs memory only while it is full (about 1 KB per
 /// typical event, so about 10 MB at most).
 ///
-/// Memory is bounded by `queue_capacity` events plus one batch plus
-/// `max_pending_batches + dispatch_concurrency` requests of at most `max_batch_bytes` each.
-/// When the dispatcher falls behind, the pending requests fill, then the queue, and
+/// Memory is bounded by `queue_capacity` events, plus `1 + max_pending_batches` batches of
+/// at most `batch_size` events (the one being filled and those waiting for a worker), plus
+/// `dispatch_concurrency` requests of at most `max_batch_bytes` each (one per worker
+/// sending). When the dispatcher falls behind, the pending batches fill, then the queue, and
 /// `process()` returns [`ProcessError::QueueFull`](super::ProcessError::QueueFull).
 ///
 /// ```
@@ -214,8 +215,9 @@ impl BatchEventProcessorBuilder {
         self
     }
 
-    /// Built requests that may wait for the dispatcher (default 8, at least 1). This bounds
-    /// the memory a slow dispatcher can hold; past it the batcher waits and the queue fills.
+    /// Batches that may wait for a dispatch worker, which serialises and sends them
+    /// (default 8, at least 1). This bounds the memory a slow dispatcher can hold; past it
+    /// the batcher waits and the queue fills.
     pub fn max_pending_batches(mut self, n: usize) -> Self {
         self.max_pending_batches = n;
         self
