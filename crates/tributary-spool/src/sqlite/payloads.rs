@@ -113,23 +113,27 @@ impl Store {
         max_bytes: usize,
         lease_for: Duration,
     ) -> Result<Vec<Leased>, SpoolError> {
-        // Each leased row is rewritten into the WAL: on a nearly full disk, few enough rows
-        // that the lease fits (see `rows_per_write`).
-        let max_payloads = max_payloads.min(self.rows_per_write());
         if max_payloads == 0 {
             return Ok(Vec::new());
         }
         // A lease rewrites the pages of what it leases into the WAL, and the acks that follow
         // rewrite them again before a checkpoint can reset it: on a nearly full disk, lease
-        // no more than a quarter of the room left, so delivery can always go on (at least
-        // one payload, whatever its size, as ever).
-        let room = self.room();
-        let max_bytes = if room < self.reserve_bytes.saturating_mul(4) {
-            let cut = max_bytes.min(usize::try_from(room / 4).unwrap_or(usize::MAX));
-            tracing::debug!(room, max_bytes = cut, "low on disk space: leasing less");
-            cut
-        } else {
-            max_bytes
+        // no more bytes than a quarter of the room left and no more rows than that carries
+        // through the WAL, so delivery can always go on (at least one payload, whatever its
+        // size, as ever).
+        let (max_payloads, max_bytes) = match self.write_budget() {
+            Some(budget) => {
+                let rows = max_payloads.min(self.rows_within(budget));
+                let cut = max_bytes.min(usize::try_from(budget).unwrap_or(usize::MAX));
+                tracing::debug!(
+                    budget,
+                    max_payloads = rows,
+                    max_bytes = cut,
+                    "low on disk space: leasing less"
+                );
+                (rows, cut)
+            }
+            None => (max_payloads, max_bytes),
         };
         let now = self.clock.now_ms();
         let until = now.saturating_add(ms(lease_for));

@@ -3,8 +3,8 @@
 //! pages back to the file system when space runs low, and readiness.
 //!
 //! Apart from the operations because it is about the file system, not the rows: they only
-//! pass through it (`with_room` around the forwarder's writes, `refusal` before an append,
-//! `room` to size a lease).
+//! pass through it (`with_room` and `with_room_chunked` around the forwarder's writes,
+//! `refusal` before an append, `write_budget` to size a lease).
 
 use std::path::Path;
 
@@ -85,16 +85,25 @@ impl Store {
         Ok(total)
     }
 
-    /// Rows one forwarder write may change now: any number with room to spare; under four
-    /// reserves of room, as many as a quarter of the room carries through the WAL at
-    /// [`WAL_PAGES_PER_ROW`] pages a row, and at least one.
+    /// Rows one forwarder write may change now: any number with room to spare, else as many
+    /// as [`Self::write_budget`] carries (at least one).
     pub(super) fn rows_per_write(&self) -> usize {
+        self.write_budget()
+            .map_or(usize::MAX, |budget| self.rows_within(budget))
+    }
+
+    /// Bytes of WAL one forwarder write may add now: no limit (`None`) with four reserves
+    /// of room or more; under that, a quarter of the room left.
+    pub(super) fn write_budget(&self) -> Option<u64> {
         let room = self.room();
-        if room >= self.reserve_bytes.saturating_mul(4) {
-            return usize::MAX;
-        }
+        (room < self.reserve_bytes.saturating_mul(4)).then_some(room / 4)
+    }
+
+    /// Rows whose writes fit `budget` bytes of WAL at [`WAL_PAGES_PER_ROW`] pages a row, and
+    /// at least one.
+    pub(super) fn rows_within(&self, budget: u64) -> usize {
         let per_row = self.page_size.max(1).saturating_mul(WAL_PAGES_PER_ROW);
-        usize::try_from((room / 4) / per_row)
+        usize::try_from(budget / per_row)
             .unwrap_or(usize::MAX)
             .max(1)
     }
