@@ -49,6 +49,7 @@ pub async fn open(
                 reserve_bytes: config.spool_reserve_bytes,
                 retention: config.retention,
                 sync: config.spool_sync,
+                compression: config.spool_compression,
                 ..SqliteConfig::default()
             };
             let opened = match mode {

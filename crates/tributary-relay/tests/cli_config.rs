@@ -269,3 +269,22 @@ fn bad_settings_are_refused_with_their_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("full") && err.contains("normal"), "{err}");
 }
+
+#[test]
+fn spool_compression_is_set_like_every_other_setting() {
+    assert_eq!(printed(&[], &[]).values["spool-compression"], "zstd");
+    let env = [("TRIBUTARY_SPOOL_COMPRESSION", "none")];
+    assert_eq!(printed(&[], &env).values["spool-compression"], "none");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, "spool-compression = \"none\"\n").unwrap();
+    let p = printed(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(p.values["spool-compression"], "none");
+    let out = run(
+        &["serve", "--print-config", "--spool-compression", "gzip"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("zstd") && err.contains("none"), "{err}");
+}

@@ -74,6 +74,32 @@ impl Drop for Tmpfs {
     }
 }
 
+/// [`payload`] with 512 bytes of noise in each visitor. The spool stores visitors
+/// zstd-compressed, and plain test events shrink tenfold: these shrink by a third, so that a
+/// few hundred requests fill a small disk, as they would with events that vary more.
+fn incompressible_payload(batch: &[String], seed: u64) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&payload("131", batch)).unwrap();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    for visitor in v["visitors"].as_array_mut().unwrap() {
+        let noise: String = (0..512)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(ALPHABET[(x % 64) as usize])
+            })
+            .collect();
+        visitor["attributes"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "entity_id": "21554750046", "key": "noise", "type": "custom", "value": noise
+            }));
+    }
+    v.to_string()
+}
+
 #[test]
 fn a_full_disk_refuses_politely_loses_nothing_and_recovers_by_itself() {
     let disk = Tmpfs::mount("3m");
@@ -101,11 +127,13 @@ fn a_full_disk_refuses_politely_loses_nothing_and_recovers_by_itself() {
 
     let mut acked = Vec::new();
     let mut refusal = None;
-    for i in 0..2000 {
-        let batch = uuids(&format!("disk{i}"), 10);
+    // The spool stores these payloads zstd-compressed, about a tenth of their size: filling
+    // the 2.4 MB above the reserve takes some 20 MB of events.
+    for i in 0..10_000 {
+        let batch = uuids(&format!("disk{i}"), 20);
         let (status, headers, body) = post_full(
             &url,
-            payload("131", &batch),
+            incompressible_payload(&batch, i),
             &[("content-type", "application/json")],
         );
         match status {

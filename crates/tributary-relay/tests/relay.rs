@@ -566,3 +566,54 @@ fn a_full_spool_answers_503_and_keeps_what_it_acknowledged() {
     let got: HashSet<String> = delivered_uuids(&upstream.requests()).into_iter().collect();
     assert_eq!(got, acked.iter().cloned().collect::<HashSet<_>>());
 }
+
+/// `--spool-compression` decides how the rows of the relay's spool are stored; the events
+/// come out the same either way (every other test here runs with the default, zstd).
+#[test]
+fn spool_compression_decides_how_the_spool_stores_visitors() {
+    for (codec, encoding) in [("none", 0), ("zstd", 1)] {
+        let upstream = RecordingUpstream::start();
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let spool_s = spool.to_str().unwrap();
+        let mut args = fast(&upstream.url(), spool_s);
+        args.extend(["--no-forward", "--spool-compression", codec].map(String::from));
+        let mut relay = InProcessRelay::serve(&args);
+        let sent = uuids(codec, 10);
+        assert_eq!(
+            post_json(&relay.url("/v1/events"), &payload("131", &sent)).0,
+            204
+        );
+        relay.stop();
+        let conn = rusqlite::Connection::open(spool.join("spool.db")).unwrap();
+        let stored: Vec<(i64, i64, i64)> = conn
+            .prepare("SELECT encoding, length(visitors), bytes FROM payloads")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored.len(), 1, "{codec}");
+        let (got, on_disk, bytes) = stored[0];
+        assert_eq!(got, encoding, "{codec}");
+        if encoding == 1 {
+            assert!(on_disk * 2 < bytes, "{codec}: {on_disk} of {bytes}");
+        }
+        drop(conn);
+
+        let (code, out, err) = run_cli(&[
+            "drain",
+            "--once",
+            "--spool",
+            spool_s,
+            "--upstream",
+            &upstream.url(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        let mut delivered = delivered_uuids(&upstream.requests());
+        delivered.sort();
+        let mut want = sent.clone();
+        want.sort();
+        assert_eq!(delivered, want, "{codec}");
+    }
+}

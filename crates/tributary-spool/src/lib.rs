@@ -51,7 +51,8 @@ pub use route::Route;
 pub use sqlite::dedup::{DEDUP_FILE, DedupKey, DedupStore, dedup_key};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{
-    DB_FILE, ParseSyncModeError, SqliteConfig, SqliteCounters, SqliteSpool, SyncMode,
+    Compression, DB_FILE, ParseCompressionError, ParseSyncModeError, SqliteConfig, SqliteCounters,
+    SqliteSpool, SyncMode,
 };
 #[cfg(feature = "sqs")]
 pub use sqs::{DEFAULT_MAX_MESSAGE_BYTES, SqsConfig, SqsConfigError, SqsSetting, SqsSpool};

@@ -16,6 +16,7 @@ use crate::{
 };
 
 mod accounts;
+mod codec;
 mod dead;
 pub(crate) mod dedup;
 mod payloads;
@@ -25,6 +26,8 @@ mod store;
 mod totals;
 mod writer;
 
+use codec::StoredPayload;
+pub use codec::{Compression, ParseCompressionError};
 use dead::{DeadChunk, parse_id};
 use payloads::parse_receipt;
 use store::Store;
@@ -91,6 +94,10 @@ pub struct SqliteConfig {
     pub retention: Duration,
     /// When commits reach stable storage. Default [`SyncMode::Full`].
     pub sync: SyncMode,
+    /// How visitor runs are stored. Default [`Compression::Zstd`], which makes
+    /// the file several times smaller than the events it holds and durable ingest faster;
+    /// limits and byte counts stay in bytes as received either way.
+    pub compression: Compression,
     /// Most payloads one group commit takes from the queue (it always takes at least one
     /// append, whatever its size). Default 8,192.
     pub max_group_commit_payloads: usize,
@@ -128,6 +135,7 @@ impl Default for SqliteConfig {
             max_payloads: 10_000_000,
             retention: Duration::from_secs(4 * 24 * 3600),
             sync: SyncMode::Full,
+            compression: Compression::default(),
             max_group_commit_payloads: 8192,
             max_group_commit_bytes: 16 << 20,
             busy_timeout: Duration::from_secs(5),
@@ -397,6 +405,20 @@ impl SqliteSpool {
     }
 }
 
+/// Runs `work` here when it is about `bytes` small enough not to hold up the runtime's
+/// other tasks ([`codec::INLINE_BYTES`]), on a blocking thread otherwise.
+async fn off_runtime<T: Send + 'static>(
+    bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SpoolError> {
+    if bytes <= codec::INLINE_BYTES {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| SpoolError::Storage(format!("spool encoding task failed: {e}")))
+}
+
 fn parse_receipts(receipts: &[Receipt]) -> Result<Vec<(i64, i64)>, SpoolError> {
     receipts.iter().map(parse_receipt).collect()
 }
@@ -423,7 +445,16 @@ impl Spool for SqliteSpool {
         if payloads.is_empty() {
             return Ok(());
         }
-        self.call(|r| Command::Append(payloads, r)).await
+        let compression = self.config.compression;
+        let bytes = payloads.iter().map(Payload::stored_len).sum();
+        let stored = off_runtime(bytes, move || {
+            payloads
+                .iter()
+                .map(|p| StoredPayload::pack(p, compression))
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        self.call(|r| Command::Append(stored, r)).await
     }
 
     async fn lease(
@@ -432,13 +463,39 @@ impl Spool for SqliteSpool {
         max_bytes: usize,
         lease_for: Duration,
     ) -> Result<Vec<Leased>, SpoolError> {
-        self.call(|reply| Command::Lease {
-            max_payloads,
-            max_bytes,
-            lease_for,
-            reply,
+        let rows = self
+            .call(|reply| Command::Lease {
+                max_payloads,
+                max_bytes,
+                lease_for,
+                reply,
+            })
+            .await?;
+        let bytes = rows.iter().map(|r| r.raw_len).sum();
+        let rows = off_runtime(bytes, move || {
+            rows.into_iter()
+                .map(payloads::LeasedRow::unpack)
+                .collect::<Vec<_>>()
         })
-        .await
+        .await?;
+        let mut leased = Vec::with_capacity(rows.len());
+        for row in rows {
+            match row {
+                payloads::Unpacked::Readable(l) => leased.push(l),
+                // A row that cannot be read back would fail every lease it came in, and
+                // hold up every payload after it: it leaves the queue as a dead letter
+                // that says why, and the rest goes on.
+                payloads::Unpacked::Unreadable(l, why) => {
+                    tracing::error!(receipt = %l.receipt.0, %why, "a stored payload cannot be read back: dead-lettering it");
+                    let reason = format!("unreadable in the spool: {why}");
+                    if let Err(e) = self.dead_letter(&[l.receipt], &reason).await {
+                        // It stays leased and comes back when the lease runs out.
+                        tracing::warn!(error = %e, "cannot dead-letter the unreadable payload");
+                    }
+                }
+            }
+        }
+        Ok(leased)
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<(), SpoolError> {

@@ -29,7 +29,7 @@ pub use settings::{
     RelaySettings, described_default, document_defaults,
 };
 /// How appends are made durable in the SQLite spool (the spool crate's own type).
-pub use tributary_spool::SyncMode;
+pub use tributary_spool::{Compression, SyncMode};
 
 use settings::human;
 
@@ -93,6 +93,8 @@ pub struct RelayConfig {
     pub retention: Duration,
     /// SQLite sync mode.
     pub spool_sync: SyncMode,
+    /// How the SQLite spool stores visitor runs.
+    pub spool_compression: Compression,
     /// Accepted bearer tokens; empty means no auth. Never printed.
     #[serde(skip)]
     pub auth_tokens: Vec<String>,
@@ -244,6 +246,7 @@ impl LayeredSettings {
             h2_max_streams: self.h2_max_streams,
             retention: self.retention,
             spool_sync: self.spool_sync,
+            spool_compression: self.spool_compression,
             shutdown_grace: self.shutdown_grace,
             sqs_dead_letter_queue: self.sqs_dead_letter_queue,
             sqs_max_receives: self.sqs_max_receives,

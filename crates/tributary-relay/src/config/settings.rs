@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tributary_spool::{SqliteConfig, SqsConfig, SyncMode};
+use tributary_spool::{Compression, SqliteConfig, SqsConfig, SyncMode};
 
 use super::ConfigError;
 
@@ -152,6 +152,21 @@ pub struct RelaySettings {
         ),
     )]
     pub spool_sync: Option<SyncMode>,
+
+    /// How the SQLite spool stores visitor runs: zstd (compressed, kept only where smaller;
+    /// the file is several times smaller and durable ingest faster) or none (as received,
+    /// readable with the sqlite3 shell). Limits count bytes as received either way; rows
+    /// already stored keep their encoding.
+    #[arg(
+        long,
+        env = "TRIBUTARY_SPOOL_COMPRESSION",
+        value_name = "CODEC",
+        value_parser = clap::builder::TypedValueParser::try_map(
+            clap::builder::PossibleValuesParser::new(["zstd", "none"]),
+            |s| s.parse::<Compression>(),
+        ),
+    )]
+    pub spool_compression: Option<Compression>,
 
     /// Bearer tokens clients must present (`Authorization: Bearer T`), comma-separated.
     /// A blank token is refused at start.
@@ -368,6 +383,8 @@ pub struct LayeredSettings {
     pub retention: Duration,
     /// [`RelaySettings::spool_sync`].
     pub spool_sync: SyncMode,
+    /// [`RelaySettings::spool_compression`].
+    pub spool_compression: Compression,
     /// [`RelaySettings::auth_tokens`].
     pub auth_tokens: Option<Vec<String>>,
     /// [`RelaySettings::auth_tokens_file`].
@@ -490,6 +507,7 @@ impl Default for LayeredSettings {
             isolation_budget: forward.isolation_budget,
             retention: sqlite.retention,
             spool_sync: sqlite.sync,
+            spool_compression: sqlite.compression,
             auth_tokens: None,
             auth_tokens_file: None,
             max_buffered_bytes: 128 << 20,

@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use rusqlite::{OptionalExtension, Transaction, params};
 
+use super::codec::unpack;
 use super::store::{Store, ms, storage, to_i64, to_u64};
 use super::totals::Delta;
 use crate::{DeadLetter, DeadLetterSummary, Payload, SpoolError};
@@ -40,8 +41,8 @@ impl Store {
         {
             let mut copy = tx
                 .prepare_cached(
-                    "INSERT INTO dead_letters (id, visitor_count, bytes, appended_at, dead_at, reason, route, header, visitors)
-                     SELECT id, visitor_count, bytes, appended_at, ?3, ?4, route, header, visitors
+                    "INSERT INTO dead_letters (id, visitor_count, bytes, appended_at, dead_at, reason, route, header, visitors, encoding)
+                     SELECT id, visitor_count, bytes, appended_at, ?3, ?4, route, header, visitors, encoding
                      FROM payloads WHERE id = ?1 AND leases = ?2",
                 )
                 .map_err(storage)?;
@@ -118,8 +119,8 @@ impl Store {
         {
             let mut copy = tx
                 .prepare_cached(
-                    "INSERT INTO dead_letters (id, visitor_count, bytes, appended_at, dead_at, reason, route, header, visitors)
-                     SELECT id, visitor_count, bytes, appended_at, ?2, ?3, route, header, visitors
+                    "INSERT INTO dead_letters (id, visitor_count, bytes, appended_at, dead_at, reason, route, header, visitors, encoding)
+                     SELECT id, visitor_count, bytes, appended_at, ?2, ?3, route, header, visitors, encoding
                      FROM payloads WHERE id = ?1",
                 )
                 .map_err(storage)?;
@@ -145,7 +146,8 @@ impl Store {
         let mut select = self
             .conn
             .prepare_cached(
-                "SELECT id, visitor_count, appended_at, dead_at, reason, route, header, visitors
+                "SELECT id, visitor_count, appended_at, dead_at, reason, route, header, visitors,
+                     encoding, bytes
                  FROM dead_letters ORDER BY id LIMIT ?1",
             )
             .map_err(storage)?;
@@ -153,16 +155,27 @@ impl Store {
             .query_map(params![to_i64(limit)], |r| {
                 let id: i64 = r.get(0)?;
                 let header: Vec<u8> = r.get(6)?;
-                let visitors: Vec<u8> = r.get(7)?;
+                let stored: Vec<u8> = r.get(7)?;
+                let raw_len = usize::try_from(r.get::<_, i64>(9)?)
+                    .unwrap_or(0)
+                    .saturating_sub(header.len());
+                let mut reason: String = r.get(4)?;
+                // A listing is how an operator looks at what went wrong: a row that cannot
+                // be decoded is listed without its visitors and says why, rather than
+                // hiding every other dead letter behind an error.
+                let visitors = unpack(r.get(8)?, stored, raw_len).unwrap_or_else(|why| {
+                    reason.push_str(&format!(" (and {why})"));
+                    Bytes::new()
+                });
                 Ok(DeadLetter {
                     id: id.to_string(),
                     payload: Payload {
                         route: r.get(5)?,
                         header: Bytes::from(header),
-                        visitors: Bytes::from(visitors),
+                        visitors,
                         visitor_count: r.get(1)?,
                     },
-                    reason: r.get(4)?,
+                    reason,
                     appended_at_ms: to_u64(r.get(2)?),
                     dead_at_ms: to_u64(r.get(3)?),
                 })
@@ -226,8 +239,8 @@ impl Store {
         {
             let mut copy = tx
                 .prepare_cached(
-                    "INSERT INTO payloads (visitor_count, bytes, appended_at, visible_at, route, header, visitors)
-                     SELECT visitor_count, bytes, ?2, ?2, route, header, visitors
+                    "INSERT INTO payloads (visitor_count, bytes, appended_at, visible_at, route, header, visitors, encoding)
+                     SELECT visitor_count, bytes, ?2, ?2, route, header, visitors, encoding
                      FROM dead_letters WHERE id = ?1",
                 )
                 .map_err(storage)?;

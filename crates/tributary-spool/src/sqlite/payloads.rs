@@ -9,9 +9,49 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::{OptionalExtension, params};
 
+use super::codec::{StoredPayload, unpack};
 use super::store::{Store, ms, storage, to_i64, to_u64};
 use super::totals::Delta;
 use crate::{Leased, PartialSettlement, Payload, Receipt, SpoolError};
+
+/// A leased row as the writer thread read it: its visitors still as stored, so that
+/// decoding them happens on the caller's side and not on the one thread every write
+/// waits for.
+#[derive(Debug)]
+pub(super) struct LeasedRow {
+    /// `payload.visitors` holds the run as `encoding` stores it.
+    pub(super) leased: Leased,
+    pub(super) encoding: i64,
+    /// The visitor run's length as received.
+    pub(super) raw_len: usize,
+}
+
+/// A [`LeasedRow`] decoded.
+pub(super) enum Unpacked {
+    /// The payload as appended.
+    Readable(Leased),
+    /// The row cannot be decoded: its lease (to dead-letter it) and what is wrong.
+    Unreadable(Leased, String),
+}
+
+impl LeasedRow {
+    /// The payload as appended, or why it cannot be.
+    pub(super) fn unpack(self) -> Unpacked {
+        let LeasedRow {
+            mut leased,
+            encoding,
+            raw_len,
+        } = self;
+        let stored = std::mem::take(&mut leased.payload.visitors);
+        match unpack(encoding, Vec::from(stored), raw_len) {
+            Ok(visitors) => {
+                leased.payload.visitors = visitors;
+                Unpacked::Readable(leased)
+            }
+            Err(why) => Unpacked::Unreadable(leased, why),
+        }
+    }
+}
 
 /// A receipt is `"<row id>:<lease generation>"`.
 pub(super) fn parse_receipt(r: &Receipt) -> Result<(i64, i64), SpoolError> {
@@ -30,14 +70,10 @@ impl Store {
     /// transaction failed and none went in.
     pub(super) fn append_group(
         &mut self,
-        batches: &[Vec<Payload>],
+        batches: &[Vec<StoredPayload>],
     ) -> Result<Vec<Result<(), SpoolError>>, SpoolError> {
         let (max_bytes, max_payloads) = (self.max_bytes, self.max_payloads);
-        let incoming: u64 = batches
-            .iter()
-            .flatten()
-            .map(|p| p.stored_len() as u64)
-            .sum();
+        let incoming: u64 = batches.iter().flatten().map(|p| p.len as u64).sum();
         if let Some(refusal) = self.refusal(incoming) {
             return Ok(batches.iter().map(|_| Err(refusal.duplicate())).collect());
         }
@@ -55,13 +91,13 @@ impl Store {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO payloads (visitor_count, bytes, appended_at, visible_at, route, header, visitors)
-                     VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO payloads (visitor_count, bytes, appended_at, visible_at, route, header, visitors, encoding)
+                     VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(storage)?;
             for batch in batches {
                 let count = batch.len() as u64;
-                let bytes: u64 = batch.iter().map(|p| p.stored_len() as u64).sum();
+                let bytes: u64 = batch.iter().map(|p| p.len as u64).sum();
                 if held.saturating_add(count) > max_payloads {
                     results.push(Err(SpoolError::Full {
                         reason: format!(
@@ -82,11 +118,12 @@ impl Store {
                     insert
                         .execute(params![
                             p.visitor_count,
-                            to_i64(p.stored_len()),
+                            to_i64(p.len),
                             now,
                             p.route,
                             &p.header[..],
-                            &p.visitors[..]
+                            &p.visitors[..],
+                            p.encoding
                         ])
                         .map_err(storage)?;
                     delta.pending_events += i64::from(p.visitor_count);
@@ -112,7 +149,7 @@ impl Store {
         max_payloads: usize,
         max_bytes: usize,
         lease_for: Duration,
-    ) -> Result<Vec<Leased>, SpoolError> {
+    ) -> Result<Vec<LeasedRow>, SpoolError> {
         if max_payloads == 0 {
             return Ok(Vec::new());
         }
@@ -143,7 +180,7 @@ impl Store {
         {
             let mut select = tx
                 .prepare_cached(
-                    "SELECT id, visitor_count, bytes, appended_at, leases, route, header, visitors
+                    "SELECT id, visitor_count, bytes, appended_at, leases, route, header, visitors, encoding
                      FROM payloads WHERE visible_at <= ?1 ORDER BY visible_at, id LIMIT ?2",
                 )
                 .map_err(storage)?;
@@ -162,16 +199,23 @@ impl Store {
                 let leases: i64 = row.get(4).map_err(storage)?;
                 let header: Vec<u8> = row.get(6).map_err(storage)?;
                 let visitors: Vec<u8> = row.get(7).map_err(storage)?;
-                out.push(Leased {
-                    receipt: Receipt(format!("{id}:{}", leases + 1)),
-                    payload: Payload {
-                        route: row.get(5).map_err(storage)?,
-                        header: Bytes::from(header),
-                        visitors: Bytes::from(visitors),
-                        visitor_count: row.get(1).map_err(storage)?,
+                let raw_len = usize::try_from(bytes)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(header.len());
+                out.push(LeasedRow {
+                    leased: Leased {
+                        receipt: Receipt(format!("{id}:{}", leases + 1)),
+                        payload: Payload {
+                            route: row.get(5).map_err(storage)?,
+                            header: Bytes::from(header),
+                            visitors: Bytes::from(visitors),
+                            visitor_count: row.get(1).map_err(storage)?,
+                        },
+                        attempts: u32::try_from(leases).unwrap_or(u32::MAX),
+                        appended_at_ms: to_u64(row.get(3).map_err(storage)?),
                     },
-                    attempts: u32::try_from(leases).unwrap_or(u32::MAX),
-                    appended_at_ms: to_u64(row.get(3).map_err(storage)?),
+                    encoding: row.get(8).map_err(storage)?,
+                    raw_len,
                 });
             }
         }
@@ -255,6 +299,7 @@ impl Store {
         parts: &[((i64, i64), PartialSettlement)],
     ) -> Result<u64, SpoolError> {
         let now = self.clock.now_ms();
+        let compression = self.compression;
         let tx = self.begin().map_err(storage)?;
         let mut delta = Delta::default();
         let mut settled = 0;
@@ -272,14 +317,14 @@ impl Store {
                 .map_err(storage)?;
             let mut bury = tx
                 .prepare_cached(
-                    "INSERT INTO dead_letters (id, visitor_count, bytes, appended_at, dead_at, reason, route, header, visitors)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO dead_letters (id, visitor_count, bytes, appended_at, dead_at, reason, route, header, visitors, encoding)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(storage)?;
             let mut shrink = tx
                 .prepare_cached(
                     "UPDATE payloads SET visitor_count = ?2, bytes = ?3, visible_at = ?4, leased = 0,
-                         route = ?5, header = ?6, visitors = ?7 WHERE id = ?1",
+                         route = ?5, header = ?6, visitors = ?7, encoding = ?8 WHERE id = ?1",
                 )
                 .map_err(storage)?;
             let mut delete = tx
@@ -313,17 +358,19 @@ impl Store {
                 }
                 for (payload, reason) in &part.dead {
                     let dead_id: i64 = next_id.query_row([], |r| r.get(0)).map_err(storage)?;
-                    let len = to_i64(payload.stored_len());
+                    let stored = StoredPayload::pack(payload, compression);
+                    let len = to_i64(stored.len);
                     bury.execute(params![
                         dead_id,
-                        payload.visitor_count,
+                        stored.visitor_count,
                         len,
                         appended_at,
                         now,
                         reason,
-                        payload.route,
-                        &payload.header[..],
-                        &payload.visitors[..]
+                        stored.route,
+                        &stored.header[..],
+                        &stored.visitors[..],
+                        stored.encoding
                     ])
                     .map_err(storage)?;
                     delta.bury(len, i64::from(payload.visitor_count));
@@ -331,7 +378,8 @@ impl Store {
                 let fragments = to_i64(part.dead.len());
                 match &part.remainder {
                     Some(rest) => {
-                        let len = to_i64(rest.stored_len());
+                        let rest = StoredPayload::pack(rest, compression);
+                        let len = to_i64(rest.len);
                         shrink
                             .execute(params![
                                 id,
@@ -340,7 +388,8 @@ impl Store {
                                 now.saturating_add(ms(part.delay)),
                                 rest.route,
                                 &rest.header[..],
-                                &rest.visitors[..]
+                                &rest.visitors[..],
+                                rest.encoding
                             ])
                             .map_err(storage)?;
                         delta.pending_bytes += len - bytes;

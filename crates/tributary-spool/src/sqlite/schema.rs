@@ -13,8 +13,9 @@ use super::SqliteConfig;
 
 /// The on-disk format this code reads and writes (`PRAGMA user_version`). Version 2 added
 /// the conservation totals and the spool's clock to `totals`; version 3 the pending bytes
-/// of each account (`account_pending`, kept by triggers).
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// of each account (`account_pending`, kept by triggers); version 4 the `encoding` of each
+/// row's visitors (see `codec`).
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Small columns come first in both tables: SQLite reads a row's columns in order, and the
 /// scans that only need ids, sizes and times (retention, stats) then never touch the blob
@@ -129,6 +130,15 @@ INSERT INTO account_pending (account, pending, pending_bytes)
         pending_bytes = excluded.pending_bytes;
 ";
 
+/// Version 3 to 4: how each row's visitors are stored (`codec::RAW` or `codec::ZSTD`).
+/// The rows already there were stored as received, which is the default. The column goes
+/// last, after the blobs: only the reads that take the visitors need it, and those read
+/// the row through anyway.
+const MIGRATE_TO_4: &str = "
+ALTER TABLE payloads ADD COLUMN encoding INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN encoding INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Brings a database of format `version` (older than [`SCHEMA_VERSION`]; 0 is a new file)
 /// to the current format, inside the caller's transaction.
 pub(super) fn migrate(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()> {
@@ -138,7 +148,12 @@ pub(super) fn migrate(tx: &Transaction<'_>, version: i64) -> rusqlite::Result<()
     if version < 2 {
         tx.execute_batch(MIGRATE_TO_2)?;
     }
-    tx.execute_batch(MIGRATE_TO_3)?;
+    if version < 3 {
+        tx.execute_batch(MIGRATE_TO_3)?;
+    }
+    if version < 4 {
+        tx.execute_batch(MIGRATE_TO_4)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
 use super::schema::{SCHEMA_VERSION, WHAT_TO_DO, migrate, precheck};
-use super::{SqliteConfig, SyncMode};
+use super::{Compression, SqliteConfig, SyncMode};
 use crate::SpoolError;
 use crate::clock::SpoolClock;
 
@@ -61,6 +61,9 @@ pub(super) struct Store {
     /// Bytes of free space kept for the forwarder (leases, acks, checkpoints).
     pub(super) reserve_bytes: u64,
     pub(super) retention: Duration,
+    /// How the rows this connection writes store their visitors (the settlement of a split
+    /// payload writes new rows here; appends arrive packed).
+    pub(super) compression: Compression,
     pub(super) page_size: u64,
     /// Free pages can be given back to the file system (spools created since format 2).
     pub(super) incremental_vacuum: bool,
@@ -149,6 +152,7 @@ impl Store {
             max_payloads: config.max_payloads,
             reserve_bytes: config.reserve_bytes,
             retention: config.retention,
+            compression: config.compression,
             page_size: to_u64(page_size),
             incremental_vacuum: auto_vacuum == 2,
             clock: SpoolClock::new(config.clock.clone(), 0),
@@ -156,7 +160,13 @@ impl Store {
         };
         if version < SCHEMA_VERSION {
             let tx = store.begin().map_err(storage)?;
-            migrate(&tx, version).map_err(storage)?;
+            // Read again under the write lock: another process may have upgraded it since.
+            let version: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(storage)?;
+            if version < SCHEMA_VERSION {
+                migrate(&tx, version).map_err(storage)?;
+            }
             tx.commit().map_err(storage)?;
         }
         let floor: i64 = store

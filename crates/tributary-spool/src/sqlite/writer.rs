@@ -12,22 +12,22 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::codec::StoredPayload;
 use super::dead::DeadChunk;
+use super::payloads::LeasedRow;
 use super::store::Store;
-use crate::{
-    DeadLetter, Leased, PartialSettlement, Payload, SpoolAudit, SpoolError, SpoolStats, SpoolTotals,
-};
+use crate::{DeadLetter, PartialSettlement, SpoolAudit, SpoolError, SpoolStats, SpoolTotals};
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// One request to the writer thread.
 pub(super) enum Command {
-    Append(Vec<Payload>, Reply<()>),
+    Append(Vec<StoredPayload>, Reply<()>),
     Lease {
         max_payloads: usize,
         max_bytes: usize,
         lease_for: Duration,
-        reply: Reply<Vec<Leased>>,
+        reply: Reply<Vec<LeasedRow>>,
     },
     Ack(Vec<(i64, i64)>, Reply<u64>),
     Release(Vec<(i64, i64)>, Duration, Reply<u64>),
@@ -86,14 +86,14 @@ pub(super) fn run(
         match command {
             Command::Append(first, reply) => {
                 let mut payloads = first.len();
-                let mut bytes: usize = first.iter().map(Payload::stored_len).sum();
+                let mut bytes: usize = first.iter().map(|p| p.len).sum();
                 let mut batches = vec![first];
                 let mut replies = vec![reply];
                 while payloads < bound.payloads && bytes < bound.bytes {
                     match rx.try_recv() {
                         Ok(Command::Append(more, reply)) => {
                             payloads += more.len();
-                            bytes += more.iter().map(Payload::stored_len).sum::<usize>();
+                            bytes += more.iter().map(|p| p.len).sum::<usize>();
                             batches.push(more);
                             replies.push(reply);
                         }
@@ -172,7 +172,7 @@ pub(super) fn run(
 
 fn commit_group(
     store: &mut Store,
-    batches: &[Vec<Payload>],
+    batches: &[Vec<StoredPayload>],
     replies: Vec<oneshot::Sender<Result<(), SpoolError>>>,
     counters: &Counters,
 ) {
