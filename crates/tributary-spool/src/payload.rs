@@ -53,7 +53,8 @@ impl Payload {
         }
     }
 
-    /// Bytes this payload takes in storage (header plus visitors).
+    /// Bytes this payload counts for in a spool (header plus visitors as received): what
+    /// limits and byte figures add up. A spool that compresses may keep it in fewer.
     pub fn stored_len(&self) -> usize {
         self.header.len() + self.visitors.len()
     }
