@@ -6,8 +6,8 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 use tributary::{
-    AttributeValue, Conversion, EventContext, Impression, Region, UserEvent, UserEventKind,
-    VisitorAttribute,
+    AttributeValue, CompactString, Conversion, EventContext, Impression, Region, UserEvent,
+    UserEventKind, VisitorAttribute,
 };
 
 /// Why a user event could not be converted (it is counted as invalid and logged).
@@ -99,14 +99,15 @@ impl Converter {
             r => r.str()?.to_string(),
         };
         let context = EventContext {
-            account_id: string(&ctx.getattr("account_id")?, "event_context.account_id")?,
-            project_id: string(&ctx.getattr("project_id")?, "event_context.project_id")?,
-            revision: string(&ctx.getattr("revision")?, "event_context.revision")?,
-            client_name: string(&ctx.getattr("client_name")?, "event_context.client_name")?,
+            account_id: string(&ctx.getattr("account_id")?, "event_context.account_id")?.into(),
+            project_id: string(&ctx.getattr("project_id")?, "event_context.project_id")?.into(),
+            revision: string(&ctx.getattr("revision")?, "event_context.revision")?.into(),
+            client_name: string(&ctx.getattr("client_name")?, "event_context.client_name")?.into(),
             client_version: string(
                 &ctx.getattr("client_version")?,
                 "event_context.client_version",
-            )?,
+            )?
+            .into(),
             anonymize_ip: ctx.getattr("anonymize_ip")?.is_truthy()?,
             // The SDK's visitor_attributes already carry `$opt_bot_filtering`.
             bot_filtering: None,
@@ -129,7 +130,8 @@ impl Converter {
 
     fn impression(&self, event: &Bound<'_, PyAny>) -> Result<Impression, ConvertError> {
         let py = event.py();
-        let (mut variation_id, mut variation_key) = (String::new(), String::new());
+        let (mut variation_id, mut variation_key) =
+            (CompactString::default(), CompactString::default());
         let variation = event.getattr("variation")?;
         if variation.is_instance(self.sdk.variation.bind(py))? {
             variation_id = loose_string(&variation.getattr("id")?);
@@ -144,7 +146,8 @@ impl Converter {
                 .map(|v| loose_string(&v))
                 .unwrap_or_default();
         }
-        let (mut campaign_id, mut experiment_id) = (String::new(), String::new());
+        let (mut campaign_id, mut experiment_id) =
+            (CompactString::default(), CompactString::default());
         let experiment = event.getattr("experiment")?;
         if experiment.is_truthy()? {
             experiment_id = loose_string(&experiment.getattr("id")?);
@@ -153,7 +156,7 @@ impl Converter {
             }
         }
         let cmab_uuid = match event.getattr("cmab_uuid")? {
-            c if c.is_truthy()? => Some(c.str()?.to_string()),
+            c if c.is_truthy()? => Some(c.str()?.to_string().into()),
             _ => None,
         };
         Ok(Impression {
@@ -223,21 +226,21 @@ fn field(field: &'static str, reason: impl Into<String>) -> ConvertError {
     }
 }
 
-fn string(v: &Bound<'_, PyAny>, name: &'static str) -> Result<String, ConvertError> {
+fn string(v: &Bound<'_, PyAny>, name: &'static str) -> Result<CompactString, ConvertError> {
     match v.cast::<PyString>() {
-        Ok(s) => Ok(s.to_cow()?.into_owned()),
+        Ok(s) => Ok(CompactString::from(&*s.to_cow()?)),
         Err(_) => Err(field(name, format!("expected a str, got {}", type_name(v)))),
     }
 }
 
 /// A string field the SDK copies as it is; `None` becomes empty (the SDK's defaults).
-fn loose_string(v: &Bound<'_, PyAny>) -> String {
+fn loose_string(v: &Bound<'_, PyAny>) -> CompactString {
     if v.is_none() {
-        return String::new();
+        return CompactString::default();
     }
     match v.cast::<PyString>() {
-        Ok(s) => s.to_string(),
-        Err(_) => v.str().map(|s| s.to_string()).unwrap_or_default(),
+        Ok(s) => s.to_string().into(),
+        Err(_) => v.str().map(|s| s.to_string().into()).unwrap_or_default(),
     }
 }
 
@@ -259,7 +262,7 @@ fn attributes(list: &Bound<'_, PyAny>) -> Result<Vec<VisitorAttribute>, ConvertE
         } else if let Ok(f) = v.cast::<PyFloat>() {
             AttributeValue::Float(f.value())
         } else if let Ok(s) = v.cast::<PyString>() {
-            AttributeValue::String(s.to_cow()?.into_owned())
+            AttributeValue::String(CompactString::from(&*s.to_cow()?))
         } else {
             return Err(field(
                 "visitor_attributes.value",

@@ -55,7 +55,7 @@ fn produce<D: EventDispatcher>(dispatcher: D) -> HashMap<String, &'static str> {
         // A context change flushes a batch: 150 US events, then 100 EU, make 25 batches.
         let (ctx, route) = if i < 150 { (&us, "us") } else { (&eu, "eu") };
         let e = event(ctx, &format!("user-{i}"), vec![]);
-        sent.insert(e.uuid.clone(), route);
+        sent.insert(e.uuid.to_string(), route);
         processor.process(e).unwrap();
     }
     let report = processor.close();
@@ -164,7 +164,11 @@ fn a_visitor_too_large_for_sqs_is_a_permanent_413() {
             SqsSpool::open(&moto_sdk().await, sqs_config("dispatcher-too-large")).await
         })
         .unwrap();
-    let big = VisitorAttribute::custom("1", "blob", AttributeValue::String("x".repeat(300_000)));
+    let big = VisitorAttribute::custom(
+        "1",
+        "blob",
+        AttributeValue::String("x".repeat(300_000).into()),
+    );
     let output =
         EventFactory::default().create_log_events(&[event(&context(Region::Us), "u", vec![big])]);
     let err = dispatcher.dispatch(&output.log_events[0]).unwrap_err();

@@ -3,12 +3,21 @@
 //!
 //! These are the inputs of the pipeline. They carry what the SDK knows at decision
 //! time; [`crate::EventFactory`] turns many of them into one Event API payload.
+//!
+//! Their strings are [`CompactString`]s (re-exported here, so callers need no dependency of
+//! their own): an id, key or visitor id of up to 24 bytes, which is nearly all of them, is
+//! held inside the event instead of in an allocation of its own. An event is built on the
+//! application's thread and freed on a dispatch worker's, and each separate allocation
+//! costs a `malloc` there and a cross-thread `free` here: with `String`s those frees were a
+//! sixth of the dispatch workers' time (BENCHMARKS.md). Build them from `&str` or `String`
+//! with `.into()`; read them as `&str` (`CompactString` derefs to `str`).
 
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// Where the Event API lives for a project. EU projects must never be sent to the US
@@ -128,7 +137,7 @@ impl EventContext {
 #[serde(untagged)]
 pub enum AttributeValue {
     /// A string value.
-    String(String),
+    String(CompactString),
     /// A boolean value.
     Bool(bool),
     /// An integer value (within ±2^53 when built by [`crate::UserEventFactory`]).
@@ -147,9 +156,9 @@ pub enum AttributeValue {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VisitorAttribute {
     /// Attribute id from the datafile, or the reserved key for `$opt_*` attributes.
-    pub entity_id: String,
+    pub entity_id: CompactString,
     /// Attribute key.
-    pub key: String,
+    pub key: CompactString,
     /// Always `"custom"` for what the SDKs send. Borrowed when static, so building an
     /// attribute costs no allocation for it.
     #[serde(rename = "type")]
@@ -161,8 +170,8 @@ pub struct VisitorAttribute {
 impl VisitorAttribute {
     /// A `"custom"` attribute.
     pub fn custom(
-        entity_id: impl Into<String>,
-        key: impl Into<String>,
+        entity_id: impl Into<CompactString>,
+        key: impl Into<CompactString>,
         value: AttributeValue,
     ) -> Self {
         VisitorAttribute {
@@ -178,32 +187,32 @@ impl VisitorAttribute {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Impression {
     /// The experiment's layer (campaign) id; empty falls back to the experiment id.
-    pub campaign_id: String,
+    pub campaign_id: CompactString,
     /// Experiment or rollout rule id.
-    pub experiment_id: String,
+    pub experiment_id: CompactString,
     /// Variation id as the datafile has it; sent as `null` unless it is all decimal digits.
-    pub variation_id: String,
+    pub variation_id: CompactString,
     /// Variation key.
-    pub variation_key: String,
+    pub variation_key: CompactString,
     /// Flag key.
-    pub flag_key: String,
+    pub flag_key: CompactString,
     /// Rule key.
-    pub rule_key: String,
+    pub rule_key: CompactString,
     /// `"feature-test"`, `"rollout"`, `"experiment"`, `"holdout"`, ...
-    pub rule_type: String,
+    pub rule_type: CompactString,
     /// Whether the flag was enabled for the user.
     pub enabled: bool,
     /// Contextual multi-armed bandit decision id, when there was one.
-    pub cmab_uuid: Option<String>,
+    pub cmab_uuid: Option<CompactString>,
 }
 
 /// A conversion: the user did something that is measured (`track`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conversion {
     /// Event id from the datafile.
-    pub event_id: String,
+    pub event_id: CompactString,
     /// Event key.
-    pub event_key: String,
+    pub event_key: CompactString,
     /// `revenue` taken from the tags (integral, in cents).
     pub revenue: Option<i64>,
     /// `value` taken from the tags (finite).
@@ -238,11 +247,11 @@ pub struct UserEvent {
     /// Shared context; events with equal contexts may share a payload.
     pub context: Arc<EventContext>,
     /// The visitor id.
-    pub user_id: String,
+    pub user_id: CompactString,
     /// Visitor attributes, already filtered to what the Event API accepts.
     pub attributes: Vec<VisitorAttribute>,
     /// A v4 UUID identifying this event (deduplication key upstream).
-    pub uuid: String,
+    pub uuid: CompactString,
     /// Milliseconds since the Unix epoch.
     pub timestamp: u64,
     /// Impression or conversion.
@@ -253,7 +262,7 @@ impl UserEvent {
     /// An event stamped now with a fresh v4 UUID.
     pub fn new(
         context: Arc<EventContext>,
-        user_id: impl Into<String>,
+        user_id: impl Into<CompactString>,
         attributes: Vec<VisitorAttribute>,
         kind: UserEventKind,
     ) -> Self {
@@ -261,11 +270,17 @@ impl UserEvent {
             context,
             user_id: user_id.into(),
             attributes,
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: new_uuid(),
             timestamp: now_millis(),
             kind,
         }
     }
+}
+
+/// A fresh v4 UUID in its hyphenated form, written without a `String` in between.
+pub(crate) fn new_uuid() -> CompactString {
+    let mut buf = uuid::Uuid::encode_buffer();
+    CompactString::from(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
 }
 
 /// Milliseconds since the Unix epoch; 0 if the clock is before 1970.
@@ -274,4 +289,72 @@ pub(crate) fn now_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_new_uuid_is_a_lowercase_hyphenated_v4() {
+        let a = new_uuid();
+        let parsed = uuid::Uuid::parse_str(&a).unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(a, parsed.hyphenated().to_string());
+        assert_ne!(a, new_uuid());
+    }
+
+    /// What the inline strings are for: an event of the fixtures' shape allocates nothing
+    /// for its ids, keys, visitor id and short attribute values, so the dispatch worker
+    /// that frees it has nothing of them to free.
+    #[test]
+    fn the_ids_and_keys_of_a_typical_event_are_held_inline() {
+        let impression = Impression {
+            campaign_id: "9300000010000".into(),
+            experiment_id: "9300000010001".into(),
+            variation_id: "410102".into(),
+            variation_key: "treatment".into(),
+            flag_key: "checkout_redesign".into(),
+            rule_key: "checkout_redesign_ab".into(),
+            rule_type: "feature-test".into(),
+            enabled: true,
+            cmab_uuid: None,
+        };
+        let attribute = VisitorAttribute::custom(
+            "21554750045",
+            "country",
+            AttributeValue::String("DE".into()),
+        );
+        let ctx = Arc::new(EventContext::new("12133785640", "21537940595", "131"));
+        let event = UserEvent::new(
+            ctx,
+            String::from("visitor-0123456789"),
+            vec![attribute.clone()],
+            UserEventKind::Impression(impression.clone()),
+        );
+        let AttributeValue::String(value) = &attribute.value else {
+            unreachable!("built as a string above")
+        };
+        let inline = [
+            &event.user_id,
+            &impression.campaign_id,
+            &impression.experiment_id,
+            &impression.variation_id,
+            &impression.variation_key,
+            &impression.flag_key,
+            &impression.rule_key,
+            &impression.rule_type,
+            &attribute.entity_id,
+            &attribute.key,
+            value,
+        ];
+        for s in inline {
+            assert!(!s.is_heap_allocated(), "{s:?} is on the heap");
+        }
+        // Longer strings work as before, from their own allocation (a uuid is 36 bytes).
+        assert!(event.uuid.is_heap_allocated());
+        let long = CompactString::from("x".repeat(1000));
+        assert_eq!(long.len(), 1000);
+    }
 }

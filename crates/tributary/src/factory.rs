@@ -142,7 +142,7 @@ impl EventFactory {
                 body.buf.truncate(mark);
                 out.oversized.push(OversizedEvent {
                     index: offset + i,
-                    uuid: event.uuid.clone(),
+                    uuid: event.uuid.to_string(),
                     size: alone,
                     limit: self.max_batch_bytes,
                 });

@@ -76,8 +76,8 @@ pub use dispatcher::http::HttpDispatcher;
 pub use dispatcher::transport::{HttpConfig, HttpDispatcherError, HttpTransport};
 pub use dispatcher::{DispatchDeadline, DispatchError, EventDispatcher};
 pub use event::{
-    AttributeValue, Conversion, EventContext, Impression, Region, UserEvent, UserEventKind,
-    VisitorAttribute,
+    AttributeValue, CompactString, Conversion, EventContext, Impression, Region, UserEvent,
+    UserEventKind, VisitorAttribute,
 };
 pub use factory::{EventFactory, FactoryOutput, OversizedEvent};
 pub use log_event::LogEvent;

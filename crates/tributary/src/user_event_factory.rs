@@ -61,7 +61,7 @@ use serde_json::{Map, Value};
 
 use crate::datafile::{Experiment, ProjectConfig, Variation};
 use crate::event::{
-    AttributeValue, Conversion, EventContext, Impression, UserEvent, UserEventKind,
+    AttributeValue, CompactString, Conversion, EventContext, Impression, UserEvent, UserEventKind,
     VisitorAttribute,
 };
 
@@ -319,15 +319,15 @@ impl UserEventFactory {
     ) -> Result<UserEvent, EventBuildError> {
         let (rule, rule_type, variation) = self.resolve(req)?;
         let impression = Impression {
-            campaign_id: rule.layer_id.clone(),
-            experiment_id: rule.id.clone(),
-            variation_id: variation.id.clone(),
-            variation_key: variation.key.clone(),
-            flag_key: req.flag_key.to_owned(),
-            rule_key: rule.key.clone(),
-            rule_type: rule_type.to_owned(),
+            campaign_id: rule.layer_id.as_str().into(),
+            experiment_id: rule.id.as_str().into(),
+            variation_id: variation.id.as_str().into(),
+            variation_key: variation.key.as_str().into(),
+            flag_key: req.flag_key.into(),
+            rule_key: rule.key.as_str().into(),
+            rule_type: rule_type.into(),
             enabled: req.enabled.unwrap_or(variation.feature_enabled),
-            cmab_uuid: req.cmab_uuid.map(str::to_owned),
+            cmab_uuid: req.cmab_uuid.map(CompactString::from),
         };
         Ok(UserEvent::new(
             self.context.clone(),
@@ -345,12 +345,12 @@ impl UserEventFactory {
             .config
             .flag(req.flag_key)
             .ok_or_else(|| EventBuildError::UnknownFlag {
-                flag_key: req.flag_key.to_owned(),
+                flag_key: req.flag_key.into(),
                 known: KnownKeys::of(self.config.flags().iter().map(|f| f.key.as_str())),
             })?;
         let rule = self.config.flag_rule(flag, req.rule_key).ok_or_else(|| {
             EventBuildError::UnknownRule {
-                flag_key: req.flag_key.to_owned(),
+                flag_key: req.flag_key.into(),
                 rule_key: req.rule_key.to_owned(),
                 known: KnownKeys::of(
                     self.config
@@ -363,7 +363,7 @@ impl UserEventFactory {
             .experiment
             .variation(req.variation_key)
             .ok_or_else(|| EventBuildError::UnknownVariation {
-                flag_key: req.flag_key.to_owned(),
+                flag_key: req.flag_key.into(),
                 rule_key: req.rule_key.to_owned(),
                 variation_key: req.variation_key.to_owned(),
                 known: KnownKeys::of(rule.experiment.variations.iter().map(|v| v.key.as_str())),
@@ -389,8 +389,8 @@ impl UserEventFactory {
                 known: KnownKeys::of(self.config.events().iter().map(|e| e.key.as_str())),
             })?;
         let conversion = Conversion {
-            event_id: event.id.clone(),
-            event_key: event.key.clone(),
+            event_id: event.id.as_str().into(),
+            event_key: event.key.as_str().into(),
             revenue: tags.and_then(revenue),
             value: tags.and_then(numeric_value),
             tags: tags.map(|t| {
@@ -501,7 +501,7 @@ impl<K: AsRef<str>, V: Borrow<Value>> AttributeEntry for &(K, V) {
 /// magnitude at most 2^53 (the SDK's `is_attribute_valid`). Integers stay integers.
 pub fn attribute_value(value: &Value) -> Option<AttributeValue> {
     match value {
-        Value::String(s) => Some(AttributeValue::String(s.clone())),
+        Value::String(s) => Some(AttributeValue::String(s.as_str().into())),
         Value::Bool(b) => Some(AttributeValue::Bool(*b)),
         Value::Number(n) => {
             if let Some(i) = n.as_i64() {

@@ -325,7 +325,7 @@ mod oracle {
                         }],
                     )?;
                     let variation_id =
-                        is_numeric_id(&imp.variation_id).then_some(&imp.variation_id);
+                        is_numeric_id(&imp.variation_id).then_some(imp.variation_id.as_str());
                     snap.serialize_field(
                         "decisions",
                         &[DecisionRef {
@@ -375,7 +375,7 @@ mod oracle {
     struct DecisionRef<'a> {
         campaign_id: &'a str,
         experiment_id: &'a str,
-        variation_id: Option<&'a String>,
+        variation_id: Option<&'a str>,
         metadata: MetadataRef<'a>,
     }
 
@@ -494,7 +494,7 @@ mod tests {
 
     fn attribute_value() -> impl Strategy<Value = AttributeValue> {
         prop_oneof![
-            text().prop_map(AttributeValue::String),
+            text().prop_map(|s| AttributeValue::String(s.into())),
             any::<bool>().prop_map(AttributeValue::Bool),
             any::<i64>().prop_map(AttributeValue::Int),
             number().prop_map(AttributeValue::Float),
@@ -509,8 +509,8 @@ mod tests {
             attribute_value(),
         )
             .prop_map(|(entity_id, key, kind, value)| VisitorAttribute {
-                entity_id,
-                key,
+                entity_id: entity_id.into(),
+                key: key.into(),
                 kind,
                 value,
             })
@@ -561,15 +561,15 @@ mod tests {
                     cmab_uuid,
                 )| {
                     UserEventKind::Impression(Impression {
-                        campaign_id,
-                        experiment_id,
-                        variation_id,
-                        variation_key,
-                        flag_key,
-                        rule_key,
-                        rule_type,
+                        campaign_id: campaign_id.into(),
+                        experiment_id: experiment_id.into(),
+                        variation_id: variation_id.into(),
+                        variation_key: variation_key.into(),
+                        flag_key: flag_key.into(),
+                        rule_key: rule_key.into(),
+                        rule_type: rule_type.into(),
                         enabled,
-                        cmab_uuid,
+                        cmab_uuid: cmab_uuid.map(Into::into),
                     })
                 },
             )
@@ -585,8 +585,8 @@ mod tests {
         )
             .prop_map(|(event_id, event_key, revenue, value, tags)| {
                 UserEventKind::Conversion(Conversion {
-                    event_id,
-                    event_key,
+                    event_id: event_id.into(),
+                    event_key: event_key.into(),
                     revenue,
                     value,
                     tags: tags.map(|kv| kv.into_iter().collect()),
@@ -604,9 +604,9 @@ mod tests {
         )
             .prop_map(|(user_id, attributes, uuid, timestamp, kind)| UserEvent {
                 context: Arc::new(EventContext::new("1", "2", "3")),
-                user_id,
+                user_id: user_id.into(),
                 attributes,
-                uuid,
+                uuid: uuid.into(),
                 timestamp,
                 kind,
             })

@@ -51,7 +51,7 @@ fn python_factory(datafile: &str) -> UserEventFactory {
 /// timestamp taken from `expected_params` so the rest can be compared whole.
 fn log_event_like(mut event: UserEvent, expected_params: &Value) -> Value {
     let ev = &expected_params["visitors"][0]["snapshots"][0]["events"][0];
-    event.uuid = ev["uuid"].as_str().unwrap().to_owned();
+    event.uuid = ev["uuid"].as_str().unwrap().into();
     event.timestamp = ev["timestamp"].as_u64().unwrap();
     let log_events = EventFactory::new()
         .create_log_events(&[event])
@@ -228,7 +228,7 @@ fn attributes_keep_the_callers_order() {
     let keys: Vec<String> = factory
         .attributes(&attrs)
         .into_iter()
-        .map(|a| a.key)
+        .map(|a| a.key.into())
         .collect();
     assert_eq!(keys, ["plan", "age", "country", "$opt_bot_filtering"]);
 }

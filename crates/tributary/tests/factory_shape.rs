@@ -23,7 +23,7 @@ fn fixture(name: &str) -> Value {
 fn build_like(expected: &Value, kind: UserEventKind) -> Value {
     let ev = &expected["visitors"][0]["snapshots"][0]["events"][0];
     let mut event = UserEvent::new(golden_context(), "user-golden-1", golden_attributes(), kind);
-    event.uuid = ev["uuid"].as_str().expect("uuid").to_owned();
+    event.uuid = ev["uuid"].as_str().expect("uuid").into();
     event.timestamp = ev["timestamp"].as_u64().expect("timestamp");
     let log_events = EventFactory::new()
         .create_log_events(&[event])

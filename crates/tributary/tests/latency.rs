@@ -54,11 +54,15 @@ fn delivered_counts(upstream: &RecordingUpstream) -> HashMap<String, usize> {
     counts
 }
 
-fn assert_exactly_once(upstream: &RecordingUpstream, sent: &[String]) {
+fn assert_exactly_once(upstream: &RecordingUpstream, sent: &[tributary::CompactString]) {
     let counts = delivered_counts(upstream);
     assert_eq!(counts.len(), sent.len(), "distinct uuids delivered");
     for uuid in sent {
-        assert_eq!(counts.get(uuid), Some(&1), "uuid {uuid} delivered once");
+        assert_eq!(
+            counts.get(uuid.as_str()),
+            Some(&1),
+            "uuid {uuid} delivered once"
+        );
     }
 }
 

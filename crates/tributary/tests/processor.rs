@@ -233,7 +233,7 @@ fn close_delivers_everything_queued() {
     let mut sent = HashSet::new();
     for i in 0..100 {
         let e = event(&c, &format!("u{i}"));
-        sent.insert(e.uuid.clone());
+        sent.insert(e.uuid.to_string());
         p.process(e).unwrap();
     }
     // Not started: nothing has gone anywhere.
@@ -499,7 +499,7 @@ fn oversized_event_fails_alone() {
     big.attributes.push(VisitorAttribute::custom(
         "1",
         "blob",
-        AttributeValue::String("x".repeat(4096)),
+        AttributeValue::String("x".repeat(4096).into()),
     ));
     p.process(event(&c, "a")).unwrap();
     p.process(big).unwrap();

@@ -62,7 +62,7 @@ fn batches_arrive_over_http_and_close_sends_the_rest() {
         .build()
         .unwrap();
     let events = conversions(&factory(), "u", 12);
-    let want: HashSet<String> = events.iter().map(|e| e.uuid.clone()).collect();
+    let want: HashSet<String> = events.iter().map(|e| e.uuid.to_string()).collect();
     for e in events {
         processor.process(e).unwrap();
     }

@@ -56,7 +56,7 @@ struct EventSpec {
 
 fn arb_attr_value() -> impl Strategy<Value = AttributeValue> {
     prop_oneof![
-        ".{0,40}".prop_map(AttributeValue::String),
+        ".{0,40}".prop_map(|s| AttributeValue::String(s.into())),
         any::<bool>().prop_map(AttributeValue::Bool),
         any::<i32>().prop_map(|i| AttributeValue::Int(i64::from(i))),
         (-1e9f64..1e9).prop_map(AttributeValue::Float),
@@ -137,14 +137,14 @@ fn build(specs: &[EventSpec]) -> Vec<UserEvent> {
                     enabled,
                 } => UserEventKind::Impression(Impression {
                     campaign_id: if i % 3 == 0 {
-                        String::new()
+                        String::new().into()
                     } else {
                         "93".into()
                     },
                     experiment_id: "94".into(),
-                    variation_id: variation_id.clone(),
+                    variation_id: variation_id.as_str().into(),
                     variation_key: "treatment".into(),
-                    flag_key: flag_key.clone(),
+                    flag_key: flag_key.as_str().into(),
                     rule_key: "rule".into(),
                     rule_type: "feature-test".into(),
                     enabled: *enabled,
@@ -157,7 +157,7 @@ fn build(specs: &[EventSpec]) -> Vec<UserEvent> {
                     tags,
                 } => UserEventKind::Conversion(Conversion {
                     event_id: "215".into(),
-                    event_key: event_key.clone(),
+                    event_key: event_key.as_str().into(),
                     revenue: *revenue,
                     value: *value,
                     tags: tags.as_ref().map(|t| {
@@ -168,7 +168,7 @@ fn build(specs: &[EventSpec]) -> Vec<UserEvent> {
                 }),
             };
             let mut e = UserEvent::new(ctxs[s.ctx].clone(), s.user.clone(), attrs, kind);
-            e.uuid = format!("uuid-{i}");
+            e.uuid = format!("uuid-{i}").into();
             e
         })
         .collect()
