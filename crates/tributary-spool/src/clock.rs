@@ -116,6 +116,7 @@ impl Clock {
         Clock(source)
     }
 
+    #[cfg(feature = "sqlite")]
     pub(crate) fn source(&self) -> &dyn TimeSource {
         &*self.0
     }
@@ -143,6 +144,7 @@ impl Eq for Clock {}
 
 /// The spool's time: the wall clock read once at `open` (never before `floor_ms`, the
 /// latest time the spool wrote), carried forward by the monotonic clock.
+#[cfg(feature = "sqlite")]
 #[derive(Debug, Clone)]
 pub(crate) struct SpoolClock {
     clock: Clock,
@@ -150,6 +152,7 @@ pub(crate) struct SpoolClock {
     anchor_mono: Duration,
 }
 
+#[cfg(feature = "sqlite")]
 impl SpoolClock {
     pub(crate) fn new(clock: Clock, floor_ms: i64) -> SpoolClock {
         let source = clock.source();
@@ -180,7 +183,7 @@ impl SpoolClock {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite"))]
 mod tests {
     use super::*;
 
