@@ -4,13 +4,14 @@
 //! These are the inputs of the pipeline. They carry what the SDK knows at decision
 //! time; [`crate::EventFactory`] turns many of them into one Event API payload.
 //!
-//! Their strings are [`CompactString`]s (re-exported here, so callers need no dependency of
-//! their own): an id, key or visitor id of up to 24 bytes, which is nearly all of them, is
-//! held inside the event instead of in an allocation of its own. An event is built on the
-//! application's thread and freed on a dispatch worker's, and each separate allocation
-//! costs a `malloc` there and a cross-thread `free` here: with `String`s those frees were a
-//! sixth of the dispatch workers' time (BENCHMARKS.md). Build them from `&str` or `String`
-//! with `.into()`; read them as `&str` (`CompactString` derefs to `str`).
+//! Their strings are [`CompactString`]s (re-exported as `tributary::CompactString`, so
+//! callers need no dependency of their own): an id, key or visitor id of up to 24 bytes,
+//! which is nearly all of them, is held inside the event instead of in an allocation of its
+//! own. An event is built on the application's thread and freed on a dispatch worker's, and
+//! each separate allocation costs a `malloc` there and a cross-thread `free` here: with
+//! `String`s those frees were a fifth of the processor's samples (BENCHMARKS.md,
+//! 2026-12-07). Build them from `&str` or `String` with `.into()`; read them as `&str`
+//! (`CompactString` derefs to `str`).
 
 use std::borrow::Cow;
 use std::fmt;
