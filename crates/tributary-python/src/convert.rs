@@ -99,15 +99,14 @@ impl Converter {
             r => r.str()?.to_string(),
         };
         let context = EventContext {
-            account_id: string(&ctx.getattr("account_id")?, "event_context.account_id")?.into(),
-            project_id: string(&ctx.getattr("project_id")?, "event_context.project_id")?.into(),
-            revision: string(&ctx.getattr("revision")?, "event_context.revision")?.into(),
-            client_name: string(&ctx.getattr("client_name")?, "event_context.client_name")?.into(),
+            account_id: string(&ctx.getattr("account_id")?, "event_context.account_id")?,
+            project_id: string(&ctx.getattr("project_id")?, "event_context.project_id")?,
+            revision: string(&ctx.getattr("revision")?, "event_context.revision")?,
+            client_name: string(&ctx.getattr("client_name")?, "event_context.client_name")?,
             client_version: string(
                 &ctx.getattr("client_version")?,
                 "event_context.client_version",
-            )?
-            .into(),
+            )?,
             anonymize_ip: ctx.getattr("anonymize_ip")?.is_truthy()?,
             // The SDK's visitor_attributes already carry `$opt_bot_filtering`.
             bot_filtering: None,
@@ -156,7 +155,7 @@ impl Converter {
             }
         }
         let cmab_uuid = match event.getattr("cmab_uuid")? {
-            c if c.is_truthy()? => Some(c.str()?.to_string().into()),
+            c if c.is_truthy()? => Some(CompactString::from(&*c.str()?.to_string_lossy())),
             _ => None,
         };
         Ok(Impression {
@@ -226,9 +225,14 @@ fn field(field: &'static str, reason: impl Into<String>) -> ConvertError {
     }
 }
 
-fn string(v: &Bound<'_, PyAny>, name: &'static str) -> Result<CompactString, ConvertError> {
+/// A `str` field, as a `String` (the context's) or a `CompactString` (the event's), copied
+/// once from the Python string.
+fn string<T: for<'a> From<&'a str>>(
+    v: &Bound<'_, PyAny>,
+    name: &'static str,
+) -> Result<T, ConvertError> {
     match v.cast::<PyString>() {
-        Ok(s) => Ok(CompactString::from(&*s.to_cow()?)),
+        Ok(s) => Ok(T::from(&*s.to_cow()?)),
         Err(_) => Err(field(name, format!("expected a str, got {}", type_name(v)))),
     }
 }
@@ -238,9 +242,13 @@ fn loose_string(v: &Bound<'_, PyAny>) -> CompactString {
     if v.is_none() {
         return CompactString::default();
     }
+    // `to_string_lossy` is what `to_string` (Display) wrote, without a `String` in between.
     match v.cast::<PyString>() {
-        Ok(s) => s.to_string().into(),
-        Err(_) => v.str().map(|s| s.to_string().into()).unwrap_or_default(),
+        Ok(s) => CompactString::from(&*s.to_string_lossy()),
+        Err(_) => v
+            .str()
+            .map(|s| CompactString::from(&*s.to_string_lossy()))
+            .unwrap_or_default(),
     }
 }
 

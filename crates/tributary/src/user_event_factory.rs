@@ -345,12 +345,12 @@ impl UserEventFactory {
             .config
             .flag(req.flag_key)
             .ok_or_else(|| EventBuildError::UnknownFlag {
-                flag_key: req.flag_key.into(),
+                flag_key: req.flag_key.to_owned(),
                 known: KnownKeys::of(self.config.flags().iter().map(|f| f.key.as_str())),
             })?;
         let rule = self.config.flag_rule(flag, req.rule_key).ok_or_else(|| {
             EventBuildError::UnknownRule {
-                flag_key: req.flag_key.into(),
+                flag_key: req.flag_key.to_owned(),
                 rule_key: req.rule_key.to_owned(),
                 known: KnownKeys::of(
                     self.config
@@ -363,7 +363,7 @@ impl UserEventFactory {
             .experiment
             .variation(req.variation_key)
             .ok_or_else(|| EventBuildError::UnknownVariation {
-                flag_key: req.flag_key.into(),
+                flag_key: req.flag_key.to_owned(),
                 rule_key: req.rule_key.to_owned(),
                 variation_key: req.variation_key.to_owned(),
                 known: KnownKeys::of(rule.experiment.variations.iter().map(|v| v.key.as_str())),
