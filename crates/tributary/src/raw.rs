@@ -11,7 +11,7 @@ use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
-use serde::de::{self, MapAccess, SeqAccess, Visitor as SerdeVisitor};
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor as SerdeVisitor};
 use serde_json::value::RawValue;
 
 use crate::validate::Problem;
@@ -113,9 +113,10 @@ impl RawBatch {
     }
 
     /// Checks the shape rules of [`validate_payload_shape`](crate::validate::validate_payload_shape)
-    /// and reads the body as [`RawBatch::parse`] does, in one pass over the body (each
-    /// visitor is read once more, for its `visitor_id` and `snapshots`). This is the relay's
-    /// ingest parser: the check and the parse used to read every byte four times.
+    /// and reads the body as [`RawBatch::parse`] does, in one pass over the body: each
+    /// visitor's fields are checked as they are read, and its bytes found from where its
+    /// first key and last value lie. This is the relay's ingest parser: the check and the
+    /// parse used to read every byte four times.
     ///
     /// Acceptance and the batch are exactly those of the two calls in sequence. A refused
     /// body is handed to those two calls to name its first problem, so every message and
@@ -147,7 +148,9 @@ impl RawBatch {
     /// The accepting path of [`RawBatch::parse_shape`]; `None` for anything it would refuse
     /// (or is unsure of), which then goes the slow way.
     fn parse_shape_fast(body: &Bytes) -> Option<Self> {
-        let top: ShapeTopLevel<'_> = serde_json::from_slice(body).ok()?;
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let top = TopSeed { body }.deserialize(&mut de).ok()?;
+        de.end().ok()?;
         let account_id = top.account_id?.get();
         if account_id.len() <= 2 || !account_id.starts_with('"') {
             return None;
@@ -156,25 +159,10 @@ impl RawBatch {
         if visitors.is_empty() {
             return None;
         }
-        for item in &visitors {
-            let v: FastShapeVisitor<'_> = serde_json::from_str(item.get()).ok()?;
-            let id = v.visitor_id?.get();
-            if id.len() <= 2 || !id.starts_with('"') {
-                return None;
-            }
-            let snapshots = v.snapshots?.get();
-            let rest = snapshots.strip_prefix('[')?;
-            if rest.trim_start().starts_with(']') {
-                return None;
-            }
-        }
         let mut fields = top.fields;
         fields.push((Cow::Borrowed("account_id"), top.account_id?));
         let header = canonical_header(fields).ok()?;
-        let visitors = visitors
-            .iter()
-            .map(|v| body.slice_ref(v.get().as_bytes()))
-            .collect();
+        let visitors = visitors.iter().map(|v| body.slice_ref(v)).collect();
         Some(RawBatch { header, visitors })
     }
 
@@ -362,60 +350,179 @@ fn canonical_header(mut fields: Vec<(Cow<'_, str>, &RawValue)>) -> Result<Bytes,
 }
 
 /// The top level of a payload for [`RawBatch::parse_shape`]: `account_id` apart from the
-/// other header fields, `visitors` as the raw items of an array. Anything the shape rules
-/// would refuse (a duplicate `account_id` or `visitors`, `visitors` not an array, an item
-/// not an object) fails the parse, which sends the body the slow way.
+/// other header fields, `visitors` as the bytes of each item. Anything the shape rules would
+/// refuse (a duplicate `account_id` or `visitors`, `visitors` not an array, an item not an
+/// object, a visitor without a usable `visitor_id` or `snapshots`) fails the parse, which
+/// sends the body the slow way.
 struct ShapeTopLevel<'a> {
     account_id: Option<&'a RawValue>,
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
-    visitors: Option<Vec<&'a RawValue>>,
+    visitors: Option<Vec<&'a [u8]>>,
 }
 
-impl<'de> Deserialize<'de> for ShapeTopLevel<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> SerdeVisitor<'de> for V {
-            type Value = ShapeTopLevel<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an Event API payload object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut top = ShapeTopLevel {
-                    account_id: None,
-                    fields: Vec::with_capacity(8),
-                    visitors: None,
-                };
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    match key.as_ref() {
-                        "visitors" => {
-                            if top.visitors.is_some() {
-                                return Err(de::Error::duplicate_field("visitors"));
-                            }
-                            top.visitors = Some(map.next_value::<VisitorList<'de>>()?.0);
-                        }
-                        "account_id" => {
-                            if top.account_id.is_some() {
-                                return Err(de::Error::duplicate_field("account_id"));
-                            }
-                            top.account_id = Some(map.next_value::<&'de RawValue>()?);
-                        }
-                        _ => top.fields.push((key, map.next_value::<&'de RawValue>()?)),
-                    }
-                }
-                Ok(top)
-            }
-        }
-        d.deserialize_map(V)
+/// Reads a [`ShapeTopLevel`] out of `body`, the bytes being read: the visitors' bytes are
+/// found from where their fields lie in it.
+struct TopSeed<'a> {
+    body: &'a [u8],
+}
+
+impl<'de> DeserializeSeed<'de> for TopSeed<'de> {
+    type Value = ShapeTopLevel<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-/// The two fields of a visitor the shape rules read; a duplicate of either fails the parse.
-#[derive(Deserialize)]
-struct FastShapeVisitor<'a> {
-    #[serde(borrow)]
-    visitor_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    snapshots: Option<&'a RawValue>,
+impl<'de> SerdeVisitor<'de> for TopSeed<'de> {
+    type Value = ShapeTopLevel<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an Event API payload object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut top = ShapeTopLevel {
+            account_id: None,
+            fields: Vec::with_capacity(8),
+            visitors: None,
+        };
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match key.as_ref() {
+                "visitors" => {
+                    if top.visitors.is_some() {
+                        return Err(de::Error::duplicate_field("visitors"));
+                    }
+                    top.visitors = Some(map.next_value_seed(VisitorsSeed { body: self.body })?);
+                }
+                "account_id" => {
+                    if top.account_id.is_some() {
+                        return Err(de::Error::duplicate_field("account_id"));
+                    }
+                    top.account_id = Some(map.next_value::<&'de RawValue>()?);
+                }
+                _ => top.fields.push((key, map.next_value::<&'de RawValue>()?)),
+            }
+        }
+        Ok(top)
+    }
+}
+
+/// `visitors` for [`RawBatch::parse_shape`]: an array of visitor objects, each read once.
+struct VisitorsSeed<'a> {
+    body: &'a [u8],
+}
+
+impl<'de> DeserializeSeed<'de> for VisitorsSeed<'de> {
+    type Value = Vec<&'de [u8]>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> SerdeVisitor<'de> for VisitorsSeed<'de> {
+    type Value = Vec<&'de [u8]>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of visitor objects")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+        while let Some(span) = seq.next_element_seed(VisitorSeed { body: self.body })? {
+            out.push(span);
+        }
+        Ok(out)
+    }
+}
+
+/// One visitor for [`RawBatch::parse_shape`]: its `visitor_id` (a non-empty string) and
+/// `snapshots` (a non-empty array) checked as its fields go by, each at most once; its
+/// value is its bytes in the body.
+struct VisitorSeed<'a> {
+    body: &'a [u8],
+}
+
+impl<'de> DeserializeSeed<'de> for VisitorSeed<'de> {
+    type Value = &'de [u8];
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> SerdeVisitor<'de> for VisitorSeed<'de> {
+    type Value = &'de [u8];
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a visitor object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut first_key, mut last_value) = (None, None);
+        let (mut visitor_id, mut snapshots) = (None, None);
+        // A key with an escape is not borrowed from the body, so its place is unknown: such a
+        // key fails the parse here, and the slow way reads it.
+        while let Some(key) = map.next_key::<&'de str>()? {
+            first_key.get_or_insert(key);
+            let value = map.next_value::<&'de RawValue>()?;
+            let duplicate = match key {
+                "visitor_id" => visitor_id.replace(value).is_some(),
+                "snapshots" => snapshots.replace(value).is_some(),
+                _ => false,
+            };
+            if duplicate {
+                return Err(de::Error::custom("duplicate field"));
+            }
+            last_value = Some(value);
+        }
+        let id = visitor_id.map_or("", |v| v.get());
+        if id.len() <= 2 || !id.starts_with('"') {
+            return Err(de::Error::custom("no usable visitor_id"));
+        }
+        let snapshots = snapshots.map_or("", |v| v.get());
+        match snapshots.strip_prefix('[') {
+            Some(rest) if !rest.trim_start().starts_with(']') => {}
+            _ => return Err(de::Error::custom("no usable snapshots")),
+        }
+        let (Some(first_key), Some(last_value)) = (first_key, last_value) else {
+            return Err(de::Error::custom("an empty visitor"));
+        };
+        visitor_span(self.body, first_key, last_value.get())
+            .ok_or_else(|| de::Error::custom("visitor not located in the body"))
+    }
+}
+
+/// The bytes of an object in `body`, from its first key and its last value (both slices of
+/// `body`): back from the key over its opening quote and any whitespace to `{`, on from the
+/// value over any whitespace to `}`. serde_json has read the object, so those bytes are
+/// there; `None` if either slice is not in `body` or the bytes are not as expected.
+fn visitor_span<'a>(body: &'a [u8], first_key: &str, last_value: &str) -> Option<&'a [u8]> {
+    let offset = |s: &str| (s.as_ptr() as usize).checked_sub(body.as_ptr() as usize);
+    let is_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let quote = offset(first_key)?.checked_sub(1)?;
+    if body.get(quote) != Some(&b'"') {
+        return None;
+    }
+    let open = body[..quote].iter().rposition(|b| !is_space(b))?;
+    let value_end = offset(last_value)?.checked_add(last_value.len())?;
+    let close = value_end + body.get(value_end..)?.iter().position(|b| !is_space(b))?;
+    (body[open] == b'{' && body[close] == b'}').then(|| &body[open..=close])
+}
+
+/// A key, borrowed from the body when it has no escapes (`Cow<str>`'s own `Deserialize`
+/// always copies).
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> SerdeVisitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// The top level of a payload, borrowed from the input.
@@ -603,10 +710,63 @@ mod tests {
             r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]}],"visitors":[]}"#,
             r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}]}"#,
             "",
+            // Whitespace everywhere a visitor's bytes are found from its fields.
+            "{\"account_id\":\"1\",\"visitors\":[ \n{ \t\"visitor_id\" : \"a\" ,\r\n \"snapshots\" : [ {} ] \n} , {\"snapshots\":[1],\"visitor_id\":\"b\"}\t]}",
+            // Escaped keys: a visitor's first or a later one, and a header field's.
+            r#"{"account_id":"1","visitors":[{"visitor\u005fid":"a","snapshots":[{}]}]}"#,
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","snap\u0073hots":[{}]}]}"#,
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}],"\u0078":1}]}"#,
+            r#"{"account_id":"1","re\u0067ion":"EU","visitors":[{"visitor_id":"a","snapshots":[{}]}]}"#,
+            // A visitor whose last field holds strings that look like the object's end.
+            r#"{"account_id":"1","visitors":[{"visitor_id":"a}","snapshots":[{}],"s":" } "}]}"#,
         ] {
             let body = Bytes::from(body.as_bytes().to_vec());
             assert_eq!(one_pass(body.clone()), two_pass(body.clone()), "{body:?}");
         }
+    }
+
+    #[test]
+    fn parse_shape_reads_each_visitor_once_and_keeps_its_exact_bytes() {
+        let body = Bytes::from_static(
+            b"{\"account_id\":\"1\",\"visitors\":[ \n{ \"visitor_id\" : \"a\" , \"snapshots\":[{}] \n} ,{\"visitor_id\":\"b\",\"snapshots\":[1],\"k\":\"}\"}]}",
+        );
+        let fast = RawBatch::parse_shape_fast(&body).expect("the one-pass path takes it");
+        assert_eq!(
+            &fast.visitors()[0][..],
+            b"{ \"visitor_id\" : \"a\" , \"snapshots\":[{}] \n}"
+        );
+        assert_eq!(
+            &fast.visitors()[1][..],
+            br#"{"visitor_id":"b","snapshots":[1],"k":"}"}"#
+        );
+        assert_eq!(fast, RawBatch::parse(body).expect("a payload"));
+
+        // A visitor key with an escape has no place in the body: the slow way reads it.
+        let escaped = Bytes::from_static(
+            br#"{"account_id":"1","visitors":[{"visitor_id":"a","snapshots":[{}],"\u0078":1}]}"#,
+        );
+        assert!(RawBatch::parse_shape_fast(&escaped).is_none());
+        assert_eq!(
+            RawBatch::parse_shape(escaped.clone())
+                .expect("accepted")
+                .visitors()[0],
+            escaped.slice(30..escaped.len() - 2)
+        );
+    }
+
+    #[test]
+    fn visitor_span_wants_slices_of_the_body_around_an_object() {
+        let body = br#"[{"k":1}]"#.to_vec();
+        let body = &body[..];
+        let text = std::str::from_utf8(body).expect("ascii");
+        assert_eq!(
+            visitor_span(body, &text[3..4], &text[6..7]),
+            Some(&body[1..8])
+        );
+        // Not at a key (no quote before it), not inside braces, not in the body at all.
+        assert_eq!(visitor_span(body, &text[4..5], &text[6..7]), None);
+        assert_eq!(visitor_span(&body[..7], &text[3..4], &text[6..7]), None);
+        assert_eq!(visitor_span(body, "k", "1"), None);
     }
 
     mod props {
@@ -696,6 +856,34 @@ mod tests {
             #[test]
             fn parse_shape_agrees_with_the_two_pass_check(body in body()) {
                 let bytes = Bytes::from(body.into_bytes());
+                prop_assert_eq!(one_pass(bytes.clone()), two_pass(bytes));
+            }
+
+            /// The same with whitespace beside every brace, bracket, comma and colon (no
+            /// generated string holds one): the one-pass path finds each visitor's bytes by
+            /// stepping over it.
+            #[test]
+            fn parse_shape_agrees_with_the_two_pass_check_in_any_whitespace(
+                body in body(),
+                pads in prop::collection::vec(0usize..4, 1..32),
+            ) {
+                const PADS: [&str; 4] = ["", " ", "\n\t", " \r\n "];
+                let mut spaced = String::with_capacity(body.len() * 2);
+                for (i, c) in body.chars().enumerate() {
+                    let pad = PADS[pads[i % pads.len()]];
+                    match c {
+                        '{' | '[' | ',' | ':' => {
+                            spaced.push(c);
+                            spaced.push_str(pad);
+                        }
+                        '}' | ']' => {
+                            spaced.push_str(pad);
+                            spaced.push(c);
+                        }
+                        _ => spaced.push(c),
+                    }
+                }
+                let bytes = Bytes::from(spaced.into_bytes());
                 prop_assert_eq!(one_pass(bytes.clone()), two_pass(bytes));
             }
         }
