@@ -55,6 +55,10 @@ const STOPPED: u64 = 1 << 63;
 /// left for workers to count their last results and exit, so the report is exact.
 const CLOSE_MARGIN: Duration = Duration::from_millis(250);
 
+/// How long batches may sit in the dispatch queue, with no worker waiting to take them,
+/// before the idle batcher starts more workers (see [`Workers::top_up`]).
+const TOP_UP_AFTER: Duration = Duration::from_millis(1);
+
 /// State shared by callers and worker threads.
 #[derive(Debug, Default)]
 struct Shared {
@@ -754,8 +758,9 @@ fn spawn(parts: Parts, shared: Arc<Shared>) -> Result<Receiver<()>, BuildError> 
 }
 
 /// The dispatch workers, started on demand up to `max`: the batcher starts one more when a
-/// batch is ready and no worker is waiting for it. A fast dispatcher then runs on one or
-/// two threads, and a slow upstream still gets `dispatch_concurrency` requests in flight.
+/// batch is ready and no worker is waiting for it, and more when batches have waited in the
+/// queue with no worker to take them ([`Workers::top_up`]). A fast dispatcher then runs on a
+/// few threads, and a slow upstream still gets `dispatch_concurrency` requests in flight.
 /// (With all 32 started up front, the idle ones spinning on the queue after each request
 /// took a third to a half of the batcher's throughput on two cores.)
 ///
@@ -803,6 +808,25 @@ impl Workers {
         Ok(())
     }
 
+    /// Starts workers, as the bound allows, for the batches queued beyond those the workers
+    /// waiting in `recv` will take. [`Self::ensure_free`] alone can leave batches behind: a
+    /// worker just woken for one batch still counts as waiting, so a burst handed over
+    /// before it runs again starts no worker and queues behind it. The batcher calls this
+    /// when it has been idle for [`TOP_UP_AFTER`] with batches queued, and when it stops.
+    fn top_up(&mut self) {
+        let unserved = self
+            .rx
+            .len()
+            .saturating_sub(self.idle.load(Ordering::Acquire));
+        for _ in 0..unserved.min(self.max.saturating_sub(self.started)) {
+            if let Err(e) = self.start_one() {
+                tracing::warn!(error = %e, workers = self.started, "cannot start another dispatch worker; going on with those running");
+                self.max = self.started;
+                return;
+            }
+        }
+    }
+
     /// Starts a worker if none is free to take the next request and the bound allows.
     fn ensure_free(&mut self) {
         if self.started >= self.max || self.idle.load(Ordering::Acquire) > 0 {
@@ -838,6 +862,8 @@ enum Wake {
     Control(Control),
     Event(UserEvent),
     Deadline,
+    /// Batches have waited [`TOP_UP_AFTER`] in the dispatch queue.
+    TopUp,
     /// The processor is gone (dropped without close): treat as stop.
     Disconnected,
 }
@@ -845,16 +871,26 @@ enum Wake {
 impl Batcher {
     fn run(mut self) {
         loop {
+            // While batches are queued for the workers and the bound allows more workers, wake
+            // after TOP_UP_AFTER at the latest to see whether they need them.
+            let top_up = (self.workers.started < self.workers.max && !self.workers.rx.is_empty())
+                .then(|| Instant::now() + TOP_UP_AFTER);
+            let wake_at = match (self.deadline, top_up) {
+                (Some(d), Some(t)) if t < d => Some((t, Wake::TopUp)),
+                (Some(d), _) => Some((d, Wake::Deadline)),
+                (None, Some(t)) => Some((t, Wake::TopUp)),
+                (None, None) => None,
+            };
             // Biased to control so that a flood of events cannot delay stop or flush.
-            let wake = match self.deadline {
+            let wake = match wake_at {
                 None => select_biased! {
                     recv(self.ctrl_rx) -> c => c.map_or(Wake::Disconnected, Wake::Control),
                     recv(self.data_rx) -> e => e.map_or(Wake::Disconnected, Wake::Event),
                 },
-                Some(deadline) => select_biased! {
+                Some((at, timeout)) => select_biased! {
                     recv(self.ctrl_rx) -> c => c.map_or(Wake::Disconnected, Wake::Control),
                     recv(self.data_rx) -> e => e.map_or(Wake::Disconnected, Wake::Event),
-                    default(deadline.saturating_duration_since(Instant::now())) => Wake::Deadline,
+                    default(at.saturating_duration_since(Instant::now())) => timeout,
                 },
             };
             match wake {
@@ -870,6 +906,7 @@ impl Batcher {
                     }
                 }
                 Wake::Deadline => self.flush_batch(),
+                Wake::TopUp => self.workers.top_up(),
                 Wake::Control(Control::Flush(ack)) => {
                     // Events accepted before flush() was called are in the queue now; take
                     // only those, so a steady stream of new events cannot prolong the flush.
@@ -953,6 +990,8 @@ impl Batcher {
             self.add(event);
         }
         self.flush_batch();
+        // What is queued now is all there will be: give it its workers.
+        self.workers.top_up();
         // Returning drops `dispatch_tx`: the workers finish what is queued and exit.
     }
 }
@@ -1067,6 +1106,150 @@ mod tests {
         let (tx, rx) = bounded(1);
         p.ack_when(4, tx);
         assert!(rx.try_recv().is_ok());
+    }
+
+    /// Batches queued beyond what the waiting workers will take get workers of their own
+    /// at a top-up, up to the bound, however far the started worker has got.
+    #[test]
+    fn a_top_up_gives_every_queued_batch_a_worker_up_to_the_bound() {
+        let (tx, rx) = bounded::<Numbered>(16);
+        let (done, _done_rx) = bounded::<()>(1);
+        let hold = Arc::new(Hold::new(usize::MAX));
+        let mut workers = Workers {
+            rx,
+            factory: Arc::new(EventFactory::new()),
+            dispatcher: hold.clone(),
+            center: None,
+            shared: Arc::default(),
+            done,
+            idle: Arc::default(),
+            started: 0,
+            max: 4,
+        };
+        workers.start_one().unwrap();
+        let ctx = Arc::new(EventContext::new("1", "2", "3"));
+        for seq in 0..6 {
+            let batch = vec![conversion(&ctx, seq as usize)];
+            tx.send(Numbered { seq, batch }).unwrap();
+        }
+        // Whether the first worker has not run yet, waits in `recv` or holds a batch, five
+        // or six batches are queued beyond it, and the bound allows three more workers.
+        workers.top_up();
+        assert_eq!(workers.started, 4);
+        hold.wait_for_in_flight(4);
+        // At the bound, a top-up starts none.
+        workers.top_up();
+        assert_eq!(workers.started, 4);
+        hold.release();
+        drop(tx);
+    }
+
+    /// A burst after a quiet spell, with the one worker started waiting for work, still gets
+    /// `dispatch_concurrency` requests in flight at once.
+    #[test]
+    fn a_burst_after_a_quiet_spell_gets_every_worker() {
+        let hold = Arc::new(Hold::new(1));
+        let p = BatchEventProcessor::builder()
+            .dispatcher(Box::new(hold.clone()))
+            .batch_size(1)
+            .dispatch_concurrency(4)
+            .close_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let ctx = Arc::new(EventContext::new("1", "2", "3"));
+        p.process(conversion(&ctx, 0)).unwrap();
+        assert!(
+            p.flush_and_wait(Duration::from_secs(10)),
+            "the first request went"
+        );
+        // From now on every request waits until four are in flight together.
+        hold.want.store(4, Ordering::Release);
+        for i in 1..=4 {
+            p.process(conversion(&ctx, i)).unwrap();
+        }
+        let report = p.close();
+        assert_eq!(report.dispatched, 5);
+        assert_eq!(
+            hold.most_in_flight(),
+            4,
+            "the burst had four requests in flight"
+        );
+        assert!(
+            !hold.timed_out.load(Ordering::Acquire),
+            "no request waited out the 10 s"
+        );
+    }
+
+    fn conversion(ctx: &Arc<EventContext>, i: usize) -> UserEvent {
+        let kind = crate::UserEventKind::Conversion(crate::Conversion {
+            event_id: "7".into(),
+            event_key: "k".into(),
+            revenue: None,
+            value: None,
+            tags: None,
+        });
+        UserEvent::new(ctx.clone(), format!("u{i}"), vec![], kind)
+    }
+
+    /// Holds each request until `want` are in flight together, or until released, or 10 s
+    /// (noted in `timed_out`); `want` can change between requests.
+    struct Hold {
+        /// (in flight now, most in flight at once, released)
+        state: Mutex<(usize, usize, bool)>,
+        cv: std::sync::Condvar,
+        want: AtomicUsize,
+        timed_out: std::sync::atomic::AtomicBool,
+    }
+
+    impl Hold {
+        fn new(want: usize) -> Self {
+            Hold {
+                state: Mutex::new((0, 0, false)),
+                cv: std::sync::Condvar::new(),
+                want: AtomicUsize::new(want),
+                timed_out: std::sync::atomic::AtomicBool::new(false),
+            }
+        }
+
+        fn most_in_flight(&self) -> usize {
+            self.state.lock().unwrap().1
+        }
+
+        /// Waits (10 s at most) until `n` requests are held at once.
+        fn wait_for_in_flight(&self, n: usize) {
+            let g = self.state.lock().unwrap();
+            let (g, _) = self
+                .cv
+                .wait_timeout_while(g, Duration::from_secs(10), |g| g.0 < n)
+                .unwrap();
+            assert_eq!(g.0, n, "requests held at once");
+        }
+
+        fn release(&self) {
+            self.state.lock().unwrap().2 = true;
+            self.cv.notify_all();
+        }
+    }
+
+    impl EventDispatcher for Hold {
+        fn dispatch(&self, _: &LogEvent) -> Result<(), crate::DispatchError> {
+            let mut g = self.state.lock().unwrap();
+            g.0 += 1;
+            g.1 = g.1.max(g.0);
+            self.cv.notify_all();
+            let want = self.want.load(Ordering::Acquire);
+            let (mut g, wait) = self
+                .cv
+                .wait_timeout_while(g, Duration::from_secs(10), |g| {
+                    g.0 < want && g.1 < want && !g.2
+                })
+                .unwrap();
+            if wait.timed_out() {
+                self.timed_out.store(true, Ordering::Release);
+            }
+            g.0 -= 1;
+            Ok(())
+        }
     }
 
     /// Counts requests in flight; each waits until `want` are in flight together (or 10 s).
