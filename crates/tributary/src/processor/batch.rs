@@ -808,17 +808,24 @@ impl Workers {
         Ok(())
     }
 
-    /// Starts workers, as the bound allows, for the batches queued beyond those the workers
-    /// waiting in `recv` will take. [`Self::ensure_free`] alone can leave batches behind: a
-    /// worker just woken for one batch still counts as waiting, so a burst handed over
-    /// before it runs again starts no worker and queues behind it. The batcher calls this
-    /// when it has been idle for [`TOP_UP_AFTER`] with batches queued, and when it stops.
+    /// Starts a worker, as the bound allows, for each batch queued beyond the number of
+    /// workers counted as waiting in `recv`. [`Self::ensure_free`] alone can leave batches
+    /// behind: a worker just woken for one batch still counts as waiting, so a burst handed
+    /// over before it runs again starts no worker and queues behind it. The count is rough
+    /// either way (a worker started a moment ago is not waiting yet, one that just took a
+    /// batch still is), so the batcher calls this again every [`TOP_UP_AFTER`] while it is
+    /// idle with batches queued; at stop it calls [`Self::start_for`] with the whole queue.
     fn top_up(&mut self) {
         let unserved = self
             .rx
             .len()
             .saturating_sub(self.idle.load(Ordering::Acquire));
-        for _ in 0..unserved.min(self.max.saturating_sub(self.started)) {
+        self.start_for(unserved);
+    }
+
+    /// Starts up to `batches` workers, as the bound allows.
+    fn start_for(&mut self, batches: usize) {
+        for _ in 0..batches.min(self.max.saturating_sub(self.started)) {
             if let Err(e) = self.start_one() {
                 tracing::warn!(error = %e, workers = self.started, "cannot start another dispatch worker; going on with those running");
                 self.max = self.started;
@@ -990,8 +997,11 @@ impl Batcher {
             self.add(event);
         }
         self.flush_batch();
-        // What is queued now is all there will be: give it its workers.
-        self.workers.top_up();
+        // What is queued now is all there will be and the batcher will not look again: a
+        // worker for every queued batch, as the bound allows (the idle ones leave when the
+        // queue is empty).
+        let queued = self.workers.rx.len();
+        self.workers.start_for(queued);
         // Returning drops `dispatch_tx`: the workers finish what is queued and exit.
     }
 }
@@ -1126,6 +1136,8 @@ mod tests {
             started: 0,
             max: 4,
         };
+        // Lets the held requests go even if an assertion below fails.
+        let _release = ReleaseOnDrop(hold.clone());
         workers.start_one().unwrap();
         let ctx = Arc::new(EventContext::new("1", "2", "3"));
         for seq in 0..6 {
@@ -1140,14 +1152,23 @@ mod tests {
         // At the bound, a top-up starts none.
         workers.top_up();
         assert_eq!(workers.started, 4);
-        hold.release();
         drop(tx);
     }
 
-    /// A burst after a quiet spell, with the one worker started waiting for work, still gets
-    /// `dispatch_concurrency` requests in flight at once.
+    /// A burst after a quiet spell, with the one worker started waiting for work, gets
+    /// `dispatch_concurrency` requests in flight at once while the processor runs on, and
+    /// (below) when it is closed right after the burst.
     #[test]
     fn a_burst_after_a_quiet_spell_gets_every_worker() {
+        a_burst_after_a_quiet_spell(false);
+    }
+
+    #[test]
+    fn a_burst_closed_at_once_gets_every_worker() {
+        a_burst_after_a_quiet_spell(true);
+    }
+
+    fn a_burst_after_a_quiet_spell(close_at_once: bool) {
         let hold = Arc::new(Hold::new(1));
         let p = BatchEventProcessor::builder()
             .dispatcher(Box::new(hold.clone()))
@@ -1166,6 +1187,9 @@ mod tests {
         hold.want.store(4, Ordering::Release);
         for i in 1..=4 {
             p.process(conversion(&ctx, i)).unwrap();
+        }
+        if !close_at_once {
+            hold.wait_for_in_flight(4);
         }
         let report = p.close();
         assert_eq!(report.dispatched, 5);
@@ -1215,19 +1239,27 @@ mod tests {
             self.state.lock().unwrap().1
         }
 
-        /// Waits (10 s at most) until `n` requests are held at once.
+        /// Waits (10 s at most) until `n` requests have been in flight at once.
         fn wait_for_in_flight(&self, n: usize) {
             let g = self.state.lock().unwrap();
             let (g, _) = self
                 .cv
-                .wait_timeout_while(g, Duration::from_secs(10), |g| g.0 < n)
+                .wait_timeout_while(g, Duration::from_secs(10), |g| g.1 < n)
                 .unwrap();
-            assert_eq!(g.0, n, "requests held at once");
+            assert_eq!(g.1, n, "most requests in flight at once");
         }
 
         fn release(&self) {
             self.state.lock().unwrap().2 = true;
             self.cv.notify_all();
+        }
+    }
+
+    struct ReleaseOnDrop(Arc<Hold>);
+
+    impl Drop for ReleaseOnDrop {
+        fn drop(&mut self) {
+            self.0.release();
         }
     }
 
