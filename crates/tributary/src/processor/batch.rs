@@ -1170,13 +1170,7 @@ mod tests {
 
     fn a_burst_after_a_quiet_spell(close_at_once: bool) {
         let hold = Arc::new(Hold::new(1));
-        let p = BatchEventProcessor::builder()
-            .dispatcher(Box::new(hold.clone()))
-            .batch_size(1)
-            .dispatch_concurrency(4)
-            .close_timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
+        let p = one_event_batches_to(&hold);
         let ctx = Arc::new(EventContext::new("1", "2", "3"));
         p.process(conversion(&ctx, 0)).unwrap();
         assert!(
@@ -1202,6 +1196,17 @@ mod tests {
             !hold.timed_out.load(Ordering::Acquire),
             "no request waited out the 10 s"
         );
+    }
+
+    /// A processor sending each event alone to `hold`, with four workers at most.
+    fn one_event_batches_to(hold: &Arc<Hold>) -> BatchEventProcessor {
+        BatchEventProcessor::builder()
+            .dispatcher(Box::new(hold.clone()))
+            .batch_size(1)
+            .dispatch_concurrency(4)
+            .close_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
     }
 
     fn conversion(ctx: &Arc<EventContext>, i: usize) -> UserEvent {
@@ -1284,61 +1289,17 @@ mod tests {
         }
     }
 
-    /// Counts requests in flight; each waits until `want` are in flight together (or 10 s).
-    struct Gate {
-        state: Mutex<(usize, usize)>,
-        cv: std::sync::Condvar,
-        want: usize,
-    }
-
-    impl EventDispatcher for Gate {
-        fn dispatch(&self, _: &LogEvent) -> Result<(), crate::DispatchError> {
-            let mut g = self.state.lock().unwrap();
-            g.0 += 1;
-            g.1 = g.1.max(g.0);
-            self.cv.notify_all();
-            let (mut g, _) = self
-                .cv
-                .wait_timeout_while(g, Duration::from_secs(10), |g| g.1 < self.want)
-                .unwrap();
-            g.0 -= 1;
-            Ok(())
-        }
-    }
-
     #[test]
     fn workers_started_on_demand_reach_the_concurrency_bound_and_not_beyond() {
-        let gate = Arc::new(Gate {
-            state: Mutex::new((0, 0)),
-            cv: std::sync::Condvar::new(),
-            want: 4,
-        });
-        let p = BatchEventProcessor::builder()
-            .dispatcher(Box::new(gate.clone()))
-            .batch_size(1)
-            .dispatch_concurrency(4)
-            .close_timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
+        let hold = Arc::new(Hold::new(4));
+        let p = one_event_batches_to(&hold);
         let ctx = Arc::new(EventContext::new("1", "2", "3"));
         for i in 0..12 {
-            let kind = crate::UserEventKind::Conversion(crate::Conversion {
-                event_id: "7".into(),
-                event_key: "k".into(),
-                revenue: None,
-                value: None,
-                tags: None,
-            });
-            p.process(UserEvent::new(ctx.clone(), format!("u{i}"), vec![], kind))
-                .unwrap();
+            p.process(conversion(&ctx, i)).unwrap();
         }
         let report = p.close();
         assert_eq!(report.dispatched, 12);
-        // Four in flight at once (the gate held each until then), never five.
-        assert_eq!(
-            gate.state.lock().unwrap().1,
-            4,
-            "most requests in flight at once"
-        );
+        // Four in flight at once (the hold kept each until then), never five.
+        assert_eq!(hold.most_in_flight(), 4, "most requests in flight at once");
     }
 }
