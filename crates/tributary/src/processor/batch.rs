@@ -836,12 +836,8 @@ impl Workers {
 
     /// Starts a worker if none is free to take the next request and the bound allows.
     fn ensure_free(&mut self) {
-        if self.started >= self.max || self.idle.load(Ordering::Acquire) > 0 {
-            return;
-        }
-        if let Err(e) = self.start_one() {
-            tracing::warn!(error = %e, workers = self.started, "cannot start another dispatch worker; going on with those running");
-            self.max = self.started;
+        if self.idle.load(Ordering::Acquire) == 0 {
+            self.start_for(1);
         }
     }
 }
