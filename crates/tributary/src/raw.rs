@@ -550,7 +550,7 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut fields = Vec::with_capacity(8);
                 let mut visitors = None;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                     if key == "visitors" {
                         if visitors.is_some() {
                             return Err(de::Error::custom("$.visitors: duplicate field"));
